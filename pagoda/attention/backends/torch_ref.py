@@ -1,0 +1,80 @@
+"""Pure-PyTorch paged attention: the CPU path and the oracle every other backend is tested
+against. Computes in float32, one sequence at a time."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from pagoda.attention.backend import AttentionLayerSpec, CommonAttentionMetadata
+
+
+def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    kv_cache[0].view(-1, num_kv_heads, head_dim)[slot_mapping] = k.to(kv_cache.dtype)
+    kv_cache[1].view(-1, num_kv_heads, head_dim)[slot_mapping] = v.to(kv_cache.dtype)
+
+
+def gather_kv(kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of one sequence, [seq_len, num_kv_heads, head_dim]."""
+    _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
+    num_blocks = -(-seq_len // block_size)
+    ids = block_ids[:num_blocks].long()
+    keys = kv_cache[0, ids].reshape(-1, num_kv_heads, head_dim)[:seq_len]
+    values = kv_cache[1, ids].reshape(-1, num_kv_heads, head_dim)[:seq_len]
+    return keys, values
+
+
+def attend(layer: AttentionLayerSpec, q: torch.Tensor, keys: torch.Tensor,
+           values: torch.Tensor, context_len: int) -> torch.Tensor:
+    """Causal attention of q [n, H, D] (positions context_len..) over keys/values [s, Hkv, D]."""
+    n, seq_len = q.shape[0], keys.shape[0]
+    group = layer.num_heads // layer.num_kv_heads
+    keys = keys.float().repeat_interleave(group, dim=1)
+    values = values.float().repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.float(), keys) * layer.scale
+    if layer.logits_soft_cap:
+        scores = layer.logits_soft_cap * torch.tanh(scores / layer.logits_soft_cap)
+    q_pos = torch.arange(context_len, context_len + n).unsqueeze(1)
+    k_pos = torch.arange(seq_len).unsqueeze(0)
+    if layer.alibi_slopes is not None:
+        rel = (k_pos - q_pos).float()
+        scores = scores + layer.alibi_slopes.float().cpu().view(-1, 1, 1).to(scores.device) * rel
+    allowed = k_pos <= q_pos
+    if layer.sliding_window:
+        allowed = allowed & (q_pos - k_pos < layer.sliding_window)
+    scores = scores.masked_fill(~allowed.to(scores.device), float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.einsum("hqk,khd->qhd", probs, values)
+
+
+class TorchRefBackend:
+    name = "torch_ref"
+
+    def build_metadata(self, common: CommonAttentionMetadata) -> CommonAttentionMetadata:
+        return common
+
+    def forward(self, layer: AttentionLayerSpec, q: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor, kv_cache: Optional[torch.Tensor],
+                metadata: CommonAttentionMetadata) -> torch.Tensor:
+        num_tokens = metadata.num_actual_tokens
+        q, k, v = q[:num_tokens], k[:num_tokens], v[:num_tokens]
+        if kv_cache is not None:
+            write_kv_cache(k, v, kv_cache, metadata.slot_mapping[:num_tokens])
+        out = torch.empty_like(q)
+        starts = metadata.query_start_loc_cpu.tolist()
+        seq_lens = metadata.seq_lens_cpu.tolist()
+        for i in range(metadata.num_reqs):
+            start, end = starts[i], starts[i + 1]
+            if end == start:
+                continue
+            context_len = seq_lens[i] - (end - start)
+            if kv_cache is None:  # profiling run: no cache yet, prompts have no context
+                keys, values = k[start:end], v[start:end]
+            else:
+                keys, values = gather_kv(kv_cache, metadata.block_table[i], seq_lens[i])
+            out[start:end] = attend(layer, q[start:end], keys, values, context_len).to(q.dtype)
+        return out

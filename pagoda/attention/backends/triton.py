@@ -1,0 +1,92 @@
+"""Triton attention backend (GPU): KV-cache write plus one unified paged-attention kernel.
+
+`build_metadata` makes only host-side decisions (from the host copies in the common metadata)
+so a step never waits on the device; `forward` launches two kernels per layer (three when the
+split-KV decode path is on).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Optional
+
+import torch
+
+from pagoda.attention.backend import AttentionLayerSpec, CommonAttentionMetadata
+from pagoda.kernels.kv_cache import write_kv_cache
+from pagoda.kernels.paged_attention import paged_attention
+
+# Split-KV pays off only when one program per (sequence, KV head) leaves most SMs idle and each
+# split still gets several key tiles; below these sizes the extra reduce launch costs more.
+_MIN_KEYS_PER_SPLIT = 256
+_MAX_SPLITS = 16
+
+
+@lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@dataclass
+class TritonAttentionMetadata:
+    common: CommonAttentionMetadata
+    decode_only: bool  # every sequence has exactly one new token
+    num_sms: int
+    force_splits: Optional[int] = None  # tests: exercise the split path on any batch
+
+    def num_splits(self, num_kv_heads: int) -> int:
+        if self.force_splits is not None:
+            return self.force_splits
+        if not self.decode_only:
+            return 1
+        programs = max(self.common.num_reqs * num_kv_heads, 1)
+        by_occupancy = (2 * self.num_sms) // programs
+        by_length = self.common.max_seq_len // _MIN_KEYS_PER_SPLIT
+        splits = min(_MAX_SPLITS, by_occupancy, by_length)
+        return splits if splits >= 2 else 1
+
+
+class TritonBackend:
+    name = "triton"
+
+    def __init__(self, force_splits: Optional[int] = None, tile_n: Optional[int] = None):
+        # Both knobs exist for tests: small key tiles exercise the online softmax across tiles.
+        self.force_splits = force_splits
+        self.tile_n = tile_n
+
+    def build_metadata(self, common: CommonAttentionMetadata) -> TritonAttentionMetadata:
+        device = common.query_start_loc.device
+        num_sms = _num_sms(device.index or 0) if device.type == "cuda" else 4
+        return TritonAttentionMetadata(
+            common=common,
+            decode_only=common.max_query_len <= 1,
+            num_sms=num_sms,
+            force_splits=self.force_splits,
+        )
+
+    def forward(self, layer: AttentionLayerSpec, q: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor, kv_cache: Optional[torch.Tensor],
+                metadata: TritonAttentionMetadata) -> torch.Tensor:
+        common = metadata.common
+        out = torch.empty_like(q)
+        if q.shape[0] == 0 or common.num_reqs == 0:
+            return out
+        if kv_cache is None:  # profiling run: no cache, attend over the new tokens only
+            key, value, block_table, splits = k, v, None, 1
+        else:
+            # Padded tokens carry slot -1 and are skipped by the kernel, so the whole
+            # (possibly CUDA-graph padded) batch is passed without slicing on the host.
+            n = min(k.shape[0], common.slot_mapping.shape[0])
+            write_kv_cache(k[:n], v[:n], kv_cache, common.slot_mapping[:n])
+            key, value, block_table = kv_cache[0], kv_cache[1], common.block_table
+            splits = metadata.num_splits(layer.num_kv_heads)
+        paged_attention(
+            q, key, value, out,
+            query_start_loc=common.query_start_loc, seq_lens=common.seq_lens,
+            block_table=block_table, num_seqs=common.num_reqs,
+            max_query_len=common.max_query_len, scale=layer.scale,
+            sliding_window=layer.sliding_window, soft_cap=layer.logits_soft_cap,
+            alibi_slopes=layer.alibi_slopes, num_splits=splits, tile_n=self.tile_n,
+        )
+        return out

@@ -1,0 +1,247 @@
+"""One Triton attention kernel for prefill, chunked prefill (with cached context) and decode.
+
+The KV cache has already been written for this step, so every key of a sequence, old or new,
+is read from the paged cache through the block table. A program owns BLOCK_Q consecutive
+queries of one sequence times the query heads that share one KV head (GQA packs those heads
+into the rows of one tile, so each K/V tile is loaded once for the whole group) and loops over
+the keys in tiles of TILE_N with an online softmax.
+
+Programs are laid out as `q_block = query_start // BLOCK_Q + seq_idx` (vLLM's trick): the grid
+size `num_tokens // BLOCK_Q + num_seqs` is known on the host without reading any device tensor,
+so the launch is CUDA-graph safe; each program finds its sequence by a binary search over
+query_start_loc and exits early when it has no queries.
+
+Split-KV (flash decoding): with few sequences and long contexts the grid above is too small to
+fill the GPU, so a third grid axis splits each sequence's key range into NUM_SPLITS pieces; each
+writes an unnormalised partial output plus its running max and sum, and `_reduce_splits_kernel`
+combines them.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tanh(x):
+    # tl has no portable tanh across Triton versions and the interpreter; 1 - 2/(e^2x + 1) is
+    # exact at both ends in fp32 (inf -> 1, 0 -> -1).
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _find_seq(query_start_ptr, num_seqs, q_block, BLOCK_Q: tl.constexpr):
+    lo = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        start = tl.load(query_start_ptr + mid) // BLOCK_Q + mid
+        if start <= q_block:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _key_rows(block_table_ptr, seq, stride_bt, q_start, kpos, kmask, block_size,
+              stride_kv_blk, stride_kv_slot, PAGED: tl.constexpr):
+    """int64 element offset of each key's row (before the head offset)."""
+    if PAGED:
+        blk = tl.load(block_table_ptr + seq * stride_bt + kpos // block_size, mask=kmask, other=0)
+        return blk.to(tl.int64) * stride_kv_blk + (kpos % block_size).to(tl.int64) * stride_kv_slot
+    else:  # profiling run: keys straight from this step's k/v tensors
+        return (q_start + kpos).to(tl.int64) * stride_kv_blk
+
+
+@triton.jit
+def _attention_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
+    block_table_ptr, seq_lens_ptr, query_start_ptr, alibi_ptr,
+    scale, soft_cap, window, num_seqs, num_heads,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_kv_blk, stride_kv_slot, stride_kv_head, stride_bt,
+    block_size, num_queries_per_kv, head_dim,
+    BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, QPKV_P2: tl.constexpr,
+    DIM_P2: tl.constexpr, TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    USE_SOFT_CAP: tl.constexpr, USE_WINDOW: tl.constexpr, USE_ALIBI: tl.constexpr,
+    PAGED: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    q_block = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq = _find_seq(query_start_ptr, num_seqs, q_block, BLOCK_Q)
+    q_start = tl.load(query_start_ptr + seq)
+    q_len = tl.load(query_start_ptr + seq + 1) - q_start
+    local_block = q_block - (q_start // BLOCK_Q + seq)
+    if local_block * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context = seq_len - q_len
+    kv_len = seq_len if PAGED else q_len
+
+    rows = tl.arange(0, BLOCK_M)
+    qi = local_block * BLOCK_Q + rows // QPKV_P2
+    group = rows % QPKV_P2
+    head = kv_head * num_queries_per_kv + group
+    row_mask = (qi < q_len) & (group < num_queries_per_kv)
+    q_pos = context + qi
+    tok = (q_start + qi).to(tl.int64)
+    d = tl.arange(0, DIM_P2)
+    d_mask = d < head_dim
+    q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+                mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+    if USE_ALIBI:
+        slope = tl.load(alibi_ptr + head, mask=row_mask, other=0.0).to(tl.float32)
+
+    # Key range this q block can see: causal end, and the sliding window's start.
+    first_pos = context + local_block * BLOCK_Q
+    kv_end = tl.minimum(context + tl.minimum((local_block + 1) * BLOCK_Q, q_len), kv_len)
+    kv_start = 0
+    if USE_WINDOW:
+        kv_start = tl.maximum(first_pos - window + 1, 0)
+    tile_lo = kv_start // TILE_N
+    tile_hi = tl.cdiv(kv_end, TILE_N)
+    per_split = tl.cdiv(tile_hi - tile_lo, NUM_SPLITS)
+    tile_lo = tile_lo + split * per_split
+    tile_hi = tl.minimum(tile_lo + per_split, tile_hi)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DIM_P2], tl.float32)
+    kv_head_off = kv_head.to(tl.int64) * stride_kv_head
+    for t in range(tile_lo, tile_hi):
+        kpos = t * TILE_N + tl.arange(0, TILE_N)
+        kmask = kpos < kv_end
+        krow = _key_rows(block_table_ptr, seq, stride_bt, q_start, kpos, kmask, block_size,
+                         stride_kv_blk, stride_kv_slot, PAGED) + kv_head_off
+        k = tl.load(k_ptr + krow[None, :] + d[:, None], mask=d_mask[:, None] & kmask[None, :],
+                    other=0.0)
+        s = tl.dot(q, k.to(q.dtype), input_precision=DOT_PREC) * scale
+        if USE_SOFT_CAP:
+            s = soft_cap * _tanh(s / soft_cap)
+        if USE_ALIBI:
+            s += slope[:, None] * (kpos[None, :] - q_pos[:, None]).to(tl.float32)
+        allowed = kmask[None, :] & (kpos[None, :] <= q_pos[:, None])
+        if USE_WINDOW:
+            allowed = allowed & ((q_pos[:, None] - kpos[None, :]) < window)
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # row masked so far: no NaN
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe) * 0 + 1
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptr + krow[:, None] + d[None, :], mask=kmask[:, None] & d_mask[None, :],
+                    other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype),
+                                            input_precision=DOT_PREC)
+        m_i = m_new
+
+    io_mask = row_mask[:, None] & d_mask[None, :]
+    if NUM_SPLITS == 1:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=io_mask)
+    else:
+        part = (tok * num_heads + head) * NUM_SPLITS + split  # [T, H, S] row index
+        tl.store(part_acc_ptr + part[:, None] * head_dim + d[None, :], acc, mask=io_mask)
+        tl.store(part_ml_ptr + part * 2, m_i, mask=row_mask)
+        tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=row_mask)
+
+
+@triton.jit
+def _reduce_splits_kernel(
+    out_ptr, part_acc_ptr, part_ml_ptr, query_start_ptr, num_seqs, num_heads,
+    stride_ot, stride_oh, head_dim,
+    NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, DIM_P2: tl.constexpr,
+):
+    tok = tl.program_id(0)
+    head = tl.program_id(1)
+    if tok >= tl.load(query_start_ptr + num_seqs):  # CUDA-graph padding: nothing was written
+        return
+    s = tl.arange(0, SPLITS_P2)
+    d = tl.arange(0, DIM_P2)
+    s_mask = s < NUM_SPLITS
+    part = (tok.to(tl.int64) * num_heads + head) * NUM_SPLITS + s
+    m = tl.load(part_ml_ptr + part * 2, mask=s_mask, other=float("-inf"))
+    l = tl.load(part_ml_ptr + part * 2 + 1, mask=s_mask, other=0.0)
+    m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.exp(m - m_max)
+    acc = tl.load(part_acc_ptr + part[:, None] * head_dim + d[None, :],
+                  mask=s_mask[:, None] & (d[None, :] < head_dim), other=0.0)
+    total = tl.sum(w * l, 0)
+    out = tl.sum(acc * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + tok * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty),
+             mask=d < head_dim)
+
+
+def choose_blocks(max_query_len: int, num_queries_per_kv: int, head_dim: int
+                  ) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_Q, TILE_N). tl.dot needs at least 16 rows, so decode packs the GQA
+    group (and, when the group is small, more query slots) into 16 rows."""
+    qpkv_p2 = triton.next_power_of_2(num_queries_per_kv)
+    block_m = max(16 if max_query_len <= 1 else 64, qpkv_p2)
+    tile_n = 64 if head_dim <= 128 else 32
+    return block_m, block_m // qpkv_p2, tile_n
+
+
+def paged_attention(
+    q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, out: torch.Tensor, *,
+    query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: Optional[torch.Tensor],
+    num_seqs: int, max_query_len: int, scale: float,
+    sliding_window: Optional[int] = None, soft_cap: Optional[float] = None,
+    alibi_slopes: Optional[torch.Tensor] = None, num_splits: int = 1,
+    tile_n: Optional[int] = None,
+) -> torch.Tensor:
+    """q/out: [T, H, D]. key/value: the cache halves [num_blocks, block_size, Hkv, D] (paged,
+    with block_table) or, when block_table is None, this step's k/v [T, Hkv, D] (profiling
+    run: causal attention over the new tokens only). Positions come from seq_lens."""
+    num_tokens, num_heads, head_dim = q.shape
+    paged = block_table is not None
+    num_kv_heads = key.shape[2] if paged else key.shape[1]
+    qpkv = num_heads // num_kv_heads
+    block_m, block_q, default_tile = choose_blocks(max_query_len, qpkv, head_dim)
+    tile_n = tile_n or default_tile
+    dim_p2 = triton.next_power_of_2(head_dim)
+    if paged:
+        block_size = key.shape[1]
+        kv_strides = (key.stride(0), key.stride(1), key.stride(2))
+        bt, stride_bt = block_table, block_table.stride(0)
+    else:
+        block_size = 1
+        kv_strides = (key.stride(0), 0, key.stride(1))
+        bt, stride_bt = seq_lens, 0
+    assert key.stride(-1) == 1 and value.stride(-1) == 1 and q.stride(-1) == 1
+    assert key.stride() == value.stride()
+    part_acc = part_ml = out  # unused placeholders when there is no split
+    if num_splits > 1:
+        part_acc = torch.empty(num_tokens, num_heads, num_splits, head_dim,
+                               dtype=torch.float32, device=q.device)
+        part_ml = torch.empty(num_tokens, num_heads, num_splits, 2,
+                              dtype=torch.float32, device=q.device)
+    grid = (num_tokens // block_q + num_seqs, num_kv_heads, num_splits)
+    _attention_kernel[grid](
+        q, key, value, out, part_acc, part_ml,
+        bt, seq_lens, query_start_loc, alibi_slopes if alibi_slopes is not None else q,
+        scale, float(soft_cap or 0.0), int(sliding_window or 0), num_seqs, num_heads,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        *kv_strides, stride_bt, block_size, qpkv, head_dim,
+        BLOCK_Q=block_q, BLOCK_M=block_m, QPKV_P2=triton.next_power_of_2(qpkv),
+        DIM_P2=dim_p2, TILE_N=tile_n, NUM_SPLITS=num_splits,
+        USE_SOFT_CAP=bool(soft_cap), USE_WINDOW=bool(sliding_window),
+        USE_ALIBI=alibi_slopes is not None, PAGED=paged,
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=8 if (dim_p2 >= 256 and block_m >= 64) else 4,
+    )
+    if num_splits > 1:
+        _reduce_splits_kernel[(num_tokens, num_heads)](
+            out, part_acc, part_ml, query_start_loc, num_seqs, num_heads,
+            out.stride(0), out.stride(1), head_dim,
+            NUM_SPLITS=num_splits, SPLITS_P2=triton.next_power_of_2(num_splits), DIM_P2=dim_p2,
+        )
+    return out

@@ -1,0 +1,28 @@
+"""Hugging Face `architectures[0]` -> model class, imported only when asked for."""
+
+from __future__ import annotations
+
+import importlib
+
+_MODELS: dict[str, tuple[str, str]] = {
+    "LlamaForCausalLM": ("llama", "LlamaForCausalLM"),
+    "MistralForCausalLM": ("llama", "MistralForCausalLM"),
+    "Qwen2ForCausalLM": ("qwen2", "Qwen2ForCausalLM"),
+    "Qwen3ForCausalLM": ("qwen3", "Qwen3ForCausalLM"),
+}
+
+
+def supported_architectures() -> list[str]:
+    return sorted(_MODELS)
+
+
+def register_model(architecture: str, module: str, class_name: str) -> None:
+    _MODELS[architecture] = (module, class_name)
+
+
+def resolve_model_class(architecture: str):
+    if architecture not in _MODELS:
+        raise ValueError(f"model architecture {architecture!r} is not supported; supported: "
+                         f"{', '.join(supported_architectures())}")
+    module, class_name = _MODELS[architecture]
+    return getattr(importlib.import_module(f"pagoda.models.{module}"), class_name)

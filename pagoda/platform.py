@@ -1,0 +1,48 @@
+"""Everything that depends on the kind of device lives here (and behind the attention backend).
+
+Models and the engine ask this module instead of testing `torch.cuda` themselves.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "cuda":
+        if not cuda_available():
+            raise ValueError("device: 'cuda' was asked for but no CUDA device is visible")
+        return torch.device("cuda", torch.cuda.current_device())
+    if requested == "cpu" or not cuda_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def default_attention_backend(device: torch.device) -> str:
+    """Name of the attention backend for a device; PAGODA_ATTENTION_BACKEND overrides it."""
+    forced = os.environ.get("PAGODA_ATTENTION_BACKEND")
+    if forced:
+        return forced
+    return "triton" if device.type == "cuda" else "torch_ref"
+
+
+def use_triton_kernels(device: torch.device) -> bool:
+    """Fused Triton kernels (norm, rotary, activation) run on CUDA unless disabled."""
+    if os.environ.get("PAGODA_DISABLE_TRITON") == "1":
+        return False
+    return device.type == "cuda"
+
+
+def distributed_backend(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
