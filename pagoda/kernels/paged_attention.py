@@ -133,7 +133,7 @@ def _attention_kernel(
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # row masked so far: no NaN
         p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe) * 0 + 1
+        alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_ptr + krow[:, None] + d[None, :], mask=kmask[:, None] & d_mask[None, :],
                     other=0.0)

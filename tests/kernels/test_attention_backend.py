@@ -1,0 +1,182 @@
+"""TritonBackend against TorchRefBackend (the oracle) on random batches that mix prefill,
+chunked prefill over cached context, and decode."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import pytest
+import torch
+
+from pagoda.attention.backend import CommonAttentionMetadata, get_attention_backend
+from pagoda.attention.backends.torch_ref import TorchRefBackend
+from pagoda.attention.backends.triton import TritonBackend
+
+
+@dataclass
+class Layer:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scale: float
+    sliding_window: Optional[int] = None
+    logits_soft_cap: Optional[float] = None
+    alibi_slopes: Optional[torch.Tensor] = None
+
+
+def make_layer(h, hkv, d, **kw) -> Layer:
+    return Layer(h, hkv, d, 1.0 / math.sqrt(d), **kw)
+
+
+def make_batch(seqs, block_size, num_blocks, pad_tokens=0, pad_reqs=0):
+    """seqs: list of (context_len, query_len). Blocks are handed out in a random order so the
+    block table is not the identity. Padding mimics a CUDA-graph batch: extra tokens with
+    slot -1 and extra empty requests."""
+    perm = torch.randperm(num_blocks).tolist()
+    max_blocks = max(-(-(c + n) // block_size) for c, n in seqs)
+    table = torch.zeros(len(seqs) + pad_reqs, max_blocks, dtype=torch.int32)
+    slots, starts, lens = [], [0], []
+    for i, (ctx, n) in enumerate(seqs):
+        nblk = -(-(ctx + n) // block_size)
+        ids = [perm.pop() for _ in range(nblk)]
+        table[i, :nblk] = torch.tensor(ids, dtype=torch.int32)
+        for pos in range(ctx, ctx + n):
+            slots.append(ids[pos // block_size] * block_size + pos % block_size)
+        starts.append(starts[-1] + n)
+        lens.append(ctx + n)
+    num_actual = starts[-1]
+    slots += [-1] * pad_tokens
+    starts += [num_actual] * pad_reqs
+    lens += [0] * pad_reqs
+    qsl = torch.tensor(starts, dtype=torch.int32)
+    sl = torch.tensor(lens, dtype=torch.int32)
+    return CommonAttentionMetadata(
+        num_reqs=len(seqs) + pad_reqs, num_actual_tokens=num_actual,
+        max_query_len=max(n for _, n in seqs), max_seq_len=max(c + n for c, n in seqs),
+        query_start_loc=qsl, seq_lens=sl, block_table=table,
+        slot_mapping=torch.tensor(slots, dtype=torch.int64),
+        query_start_loc_cpu=qsl.clone(), seq_lens_cpu=sl.clone())
+
+
+def run_both(layer, seqs, block_size=16, splits=None, pad_tokens=0, pad_reqs=0,
+             with_cache=True, tile_n=16):
+    h, hkv, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
+    num_blocks = sum(-(-(c + n) // block_size) for c, n in seqs) + 3
+    meta = make_batch(seqs, block_size, num_blocks, pad_tokens, pad_reqs)
+    t = meta.num_actual_tokens + pad_tokens
+    q, k, v = torch.randn(t, h, d), torch.randn(t, hkv, d), torch.randn(t, hkv, d)
+    cache_ref = cache_tri = None
+    if with_cache:
+        # Cached context holds random values; every other slot is NaN, so reading any slot
+        # outside a sequence's own keys would show up as NaN in the output.
+        cache_ref = torch.full((2, num_blocks, block_size, hkv, d), float("nan"))
+        flat = cache_ref.view(2, -1, hkv, d)
+        for i, (ctx, _) in enumerate(seqs):
+            pos = torch.arange(ctx)
+            ctx_slots = meta.block_table[i, pos // block_size].long() * block_size + pos % block_size
+            flat[:, ctx_slots] = torch.randn(2, ctx, hkv, d)
+        cache_tri = cache_ref.clone()
+    ref = TorchRefBackend()
+    tri = TritonBackend(force_splits=splits, tile_n=tile_n)
+    out_ref = ref.forward(layer, q, k, v, cache_ref, ref.build_metadata(meta))
+    out_tri = tri.forward(layer, q, k, v, cache_tri, tri.build_metadata(meta))
+    n = meta.num_actual_tokens
+    torch.testing.assert_close(out_tri[:n], out_ref[:n], atol=2e-5, rtol=2e-5)
+    if with_cache:
+        torch.testing.assert_close(cache_tri, cache_ref, atol=0, rtol=0, equal_nan=True)
+
+
+MIX = [(0, 7), (5, 1), (19, 3), (0, 1), (33, 1)]  # prefill, decode, chunk with context...
+
+
+@pytest.mark.parametrize("h,hkv", [(4, 4), (4, 2), (6, 2), (4, 1)])
+def test_mixed_batch_gqa(h, hkv):
+    run_both(make_layer(h, hkv, 32), MIX)
+
+
+@pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256])
+def test_head_sizes(head_dim):
+    run_both(make_layer(2, 1, head_dim), [(3, 5), (10, 1)])
+
+
+@pytest.mark.parametrize("block_size", [1, 8, 32])
+def test_block_sizes(block_size):
+    run_both(make_layer(4, 2, 32), [(12, 4), (0, 9), (40, 1)], block_size=block_size)
+
+
+def test_long_prefill_many_q_blocks():
+    # more than one BLOCK_Q of queries in one sequence, with context, plus decodes; the
+    # production key tile size (tile_n=None) too
+    run_both(make_layer(2, 1, 16), [(20, 80), (70, 1), (0, 66)])
+    run_both(make_layer(2, 1, 16), [(20, 80), (70, 1), (0, 66)], tile_n=None)
+
+
+def test_decode_only_batch():
+    run_both(make_layer(8, 2, 32), [(40, 1), (3, 1), (90, 1), (0, 1)])
+
+
+@pytest.mark.parametrize("splits", [2, 3, 5])
+def test_split_kv(splits):
+    run_both(make_layer(4, 2, 32), [(100, 1), (1, 1), (64, 1), (30, 3)], splits=splits)
+
+
+def test_sliding_window():
+    layer = make_layer(4, 2, 32, sliding_window=10)
+    run_both(layer, [(50, 1), (30, 20), (0, 25), (3, 2)])
+    run_both(layer, [(70, 1), (9, 1)], splits=3)
+
+
+def test_soft_cap():
+    layer = make_layer(4, 2, 32, logits_soft_cap=2.0)
+    run_both(layer, MIX)
+
+
+def test_alibi():
+    slopes = torch.tensor([2.0 ** (-8 * (i + 1) / 4) for i in range(4)])
+    run_both(make_layer(4, 2, 32, alibi_slopes=slopes), MIX)
+
+
+def test_all_hooks_together_with_split():
+    slopes = torch.rand(6) * 0.3
+    layer = make_layer(6, 2, 32, alibi_slopes=slopes, sliding_window=17, logits_soft_cap=5.0)
+    run_both(layer, [(60, 1), (2, 1), (40, 1)], splits=4)
+    run_both(layer, [(20, 9), (0, 12)])
+
+
+def test_cuda_graph_padding():
+    # padded tokens (slot -1) and padded empty requests must be ignored
+    run_both(make_layer(4, 2, 32), [(10, 1), (4, 1), (22, 1)], pad_tokens=5, pad_reqs=2)
+    run_both(make_layer(4, 2, 32), [(10, 1), (30, 1)], pad_tokens=2, pad_reqs=2, splits=2)
+
+
+def test_profiling_run_without_cache():
+    run_both(make_layer(4, 2, 32), [(0, 9), (0, 1), (0, 20)], with_cache=False)
+
+
+def test_registry_and_split_heuristic():
+    backend = get_attention_backend("triton")
+    assert backend.name == "triton"
+    meta = make_batch([(4000, 1), (3000, 1)], 16, 500)
+    meta.max_seq_len = 4001
+    built = backend.build_metadata(meta)
+    assert built.num_splits(num_kv_heads=1) == 4  # 2 programs on the 4-SM CPU fallback: split
+    assert built.num_splits(num_kv_heads=8) == 1  # 16 programs already fill it
+    meta_long = make_batch([(0, 9), (5, 1)], 16, 10)
+    assert backend.build_metadata(meta_long).num_splits(8) == 1  # prefill: never split
+
+
+@pytest.mark.parametrize("trial", range(3))
+def test_random_mixes(trial):
+    g = torch.Generator().manual_seed(100 + trial)
+    hkv = [1, 2][trial % 2]
+    h = hkv * [1, 3, 4][trial]
+    seqs = []
+    for _ in range(int(torch.randint(1, 5, (1,), generator=g))):
+        kind = int(torch.randint(0, 3, (1,), generator=g))
+        ctx = 0 if kind == 0 else int(torch.randint(1, 60, (1,), generator=g))
+        n = 1 if kind == 2 else int(torch.randint(1, 20, (1,), generator=g))
+        seqs.append((ctx, n))
+    bs = [4, 16, 32][trial]
+    run_both(make_layer(h, hkv, 32), seqs, block_size=bs)
