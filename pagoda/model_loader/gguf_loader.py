@@ -343,6 +343,29 @@ def _dequantize(buf, info: GGUFTensorInfo, path: str) -> np.ndarray:
     return out
 
 
+def iterate_gguf_tensors(path: str) -> Iterator[tuple[GGUFTensorInfo, np.ndarray]]:
+    """Yields (tensor info, float32 array) for every tensor, in file order, with GGUF names."""
+    path = os.path.abspath(os.fspath(path))
+    buf = _open_map(path)
+    try:
+        header = _parse_header(buf, path)
+        for info in header.tensors:
+            out = _dequantize(buf, info, path)
+            # F32 comes back as a read-only view of the map: copy so it outlives the map
+            yield info, (out if out.flags.writeable else out.copy())
+    finally:
+        _close(buf)
+
+
+def _close(buf: mmap.mmap) -> None:
+    # A numpy view can outlive us only inside an exception's traceback; then the map closes
+    # when that is collected, rather than a BufferError masking the real error.
+    try:
+        buf.close()
+    except BufferError:
+        pass
+
+
 def iterate_gguf_weights(path: str, hf_config=None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yields (HF parameter name, float32 tensor) for every weight of a GGUF file.
 
@@ -351,33 +374,17 @@ def iterate_gguf_weights(path: str, hf_config=None) -> Iterator[tuple[str, torch
     """
     path = os.path.abspath(os.fspath(path))
     config = hf_config if hf_config is not None else load_gguf_config(path)
-    buf = _open_map(path)
-    try:
-        header = _parse_header(buf, path)
-        name_map, processor, shapes = _name_map_and_processor(header, config)
-        # MoE processors stack experts into parsed["tensors"] across several GGUF tensors.
-        parsed: dict[str, dict] = {"tensors": {}, "config": config.to_dict()}
-        for info in header.tensors:
-            item = _convert_one(buf, info, path, name_map, processor, parsed, shapes)
-            if item is not None:
-                yield item
-        for name, tensor in parsed["tensors"].items():
-            yield name, tensor
-    finally:
-        _close(buf)
+    name_map, processor, shapes = _name_map_and_processor(read_gguf_header(path), config)
+    # MoE processors stack experts into parsed["tensors"] across several GGUF tensors.
+    parsed: dict[str, dict] = {"tensors": {}, "config": config.to_dict()}
+    for info, weights in iterate_gguf_tensors(path):
+        item = _convert_one(info, weights, path, name_map, processor, parsed, shapes)
+        if item is not None:
+            yield item
+    yield from parsed["tensors"].items()
 
 
-def _close(buf: mmap.mmap) -> None:
-    # Tensors we yield are copies. A numpy view can outlive us only inside an exception's
-    # traceback; then the map closes when that is collected rather than masking the error.
-    try:
-        buf.close()
-    except BufferError:
-        pass
-
-
-def _convert_one(buf, info, path, name_map, processor, parsed, shapes):
-    weights = _dequantize(buf, info, path)
+def _convert_one(info, weights, path, name_map, processor, parsed, shapes):
     try:
         result = processor.process(weights=weights, name=info.name,
                                    tensor_key_mapping=name_map, parsed_parameters=parsed)
@@ -389,7 +396,8 @@ def _convert_one(buf, info, path, name_map, processor, parsed, shapes):
     if hf_name is None:
         logger.debug("%s: skipping tensor %r with no HF parameter", path, info.name)
         return None
-    tensor = torch.from_numpy(np.array(result.weights, dtype=np.float32, copy=True))
+    # the q/k un-permutation returns a strided view; make it one contiguous block
+    tensor = torch.from_numpy(np.ascontiguousarray(result.weights, dtype=np.float32))
     expected = shapes.get(hf_name)
     if expected is not None and tuple(tensor.shape) != expected:
         raise ValueError(f"{path}: tensor {info.name!r} has shape {tuple(tensor.shape)} but "
