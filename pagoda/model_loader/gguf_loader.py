@@ -204,6 +204,13 @@ def _open_map(path: str) -> mmap.mmap:
         return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
 
+def _close(buf: mmap.mmap) -> None:
+    try:
+        buf.close()
+    except BufferError:  # a view lives on in an exception's traceback: let GC unmap it
+        pass
+
+
 def read_gguf_header(path: str) -> GGUFHeader:
     """Parses and validates a GGUF header (metadata and tensor table); reads no tensor data."""
     buf = _open_map(path)
@@ -355,15 +362,6 @@ def iterate_gguf_tensors(path: str) -> Iterator[tuple[GGUFTensorInfo, np.ndarray
             yield info, (out if out.flags.writeable else out.copy())
     finally:
         _close(buf)
-
-
-def _close(buf: mmap.mmap) -> None:
-    # A numpy view can outlive us only inside an exception's traceback; then the map closes
-    # when that is collected, rather than a BufferError masking the real error.
-    try:
-        buf.close()
-    except BufferError:
-        pass
 
 
 def iterate_gguf_weights(path: str, hf_config=None) -> Iterator[tuple[str, torch.Tensor]]:
