@@ -19,7 +19,7 @@ import mmap
 import os
 import struct
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
 import numpy as np
 import torch
