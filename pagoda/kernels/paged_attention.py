@@ -28,9 +28,11 @@ import triton.language as tl
 
 @triton.jit
 def _tanh(x):
-    # tl has no portable tanh across Triton versions and the interpreter; 1 - 2/(e^2x + 1) is
-    # exact at both ends in fp32 (inf -> 1, 0 -> -1).
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+    # tl has no portable tanh across Triton versions and the interpreter; going through
+    # exp(-2|x|) cannot overflow.
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
 
 
 @triton.jit

@@ -1,0 +1,32 @@
+"""KV-cache write against torch_ref.write_kv_cache, with padding slots (-1) skipped."""
+
+import pytest
+import torch
+
+from pagoda.attention.backends.torch_ref import write_kv_cache as ref_write
+from pagoda.kernels.kv_cache import write_kv_cache
+
+
+@pytest.mark.parametrize("block_size,hkv,d", [(16, 2, 32), (4, 3, 80), (1, 1, 64)])
+def test_write_kv_cache(block_size, hkv, d):
+    num_blocks, t = 12, 11
+    cache = torch.randn(2, num_blocks, block_size, hkv, d)
+    want = cache.clone()
+    slots = torch.randperm(num_blocks * block_size)[:t]
+    k, v = torch.randn(t, hkv, d), torch.randn(t, hkv, d)
+    ref_write(k, v, want, slots)
+    padded = torch.cat([slots, torch.full((3,), -1)])  # CUDA-graph padding tokens
+    kp, vp = torch.cat([k, torch.randn(3, hkv, d)]), torch.cat([v, torch.randn(3, hkv, d)])
+    write_kv_cache(kp, vp, cache, padded)
+    assert torch.equal(cache, want)
+
+
+def test_write_from_strided_views():
+    qkv = torch.randn(5, 3, 2, 16)  # [T, (q,k,v), Hkv, D]
+    k, v = qkv[:, 1], qkv[:, 2]
+    cache = torch.zeros(2, 2, 8, 2, 16)
+    want = cache.clone()
+    slots = torch.tensor([3, 0, 9, 15, 4])
+    ref_write(k, v, want, slots)
+    write_kv_cache(k, v, cache, slots)
+    assert torch.equal(cache, want)
