@@ -1,0 +1,1 @@
+"""Benchmarks with vLLM's metric definitions: latency, throughput, serve, sweep."""
