@@ -20,6 +20,7 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.skip_special = params.skip_special_tokens
         self.output_ids: list[int] = []
+        self.num_emitted_ids = 0  # output ids whose text has been emitted
         self.text = ""
         backend = getattr(tokenizer, "_tokenizer", None)
         self.stream = None
@@ -34,12 +35,29 @@ class IncrementalDetokenizer:
         """Appends tokens, returns the text they completed."""
         self.output_ids.extend(token_ids)
         if self.stream is not None:
-            new = "".join(piece for t in token_ids
-                          if (piece := self.stream.step(self.backend, t)) is not None)
+            new = ""
+            for i, token_id in enumerate(token_ids):
+                piece = self.stream.step(self.backend, token_id)
+                if piece is not None:
+                    new += piece
+                    self.num_emitted_ids = len(self.output_ids) - len(token_ids) + i + 1
         else:
             full = self.tokenizer.decode(self.output_ids, skip_special_tokens=self.skip_special)
             full = full[:len(full) - 1] if full.endswith("\ufffd") else full
             new = full[len(self.text):] if full.startswith(self.text) else ""
+            self.num_emitted_ids = len(self.output_ids) if new else self.num_emitted_ids
+        self.text += new
+        return new
+
+    def flush(self) -> str:
+        """At the end of a request: text for tokens still held back because their bytes
+        never completed a character (decoded with replacement characters, as a full
+        decode would)."""
+        pending = self.output_ids[self.num_emitted_ids:]
+        self.num_emitted_ids = len(self.output_ids)
+        if not pending:
+            return ""
+        new = self.tokenizer.decode(pending, skip_special_tokens=self.skip_special)
         self.text += new
         return new
 

@@ -135,6 +135,8 @@ class OutputProcessor:
         if child.detok is None:
             return False
         new_text = child.detok.add_tokens(out.new_token_ids)
+        if out.finish_reason is not None:
+            new_text += child.detok.flush()
         child.text += new_text
         if params.stop and len(child.token_ids) > params.min_tokens:
             hit = find_stop_string(child.text, len(new_text), params.stop,
