@@ -36,3 +36,33 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+# -- front end <-> engine-core process (added for the ZMQ client) ------------------------------
+
+class EngineCoreStats(msgspec.Struct, array_like=True, omit_defaults=True):
+    """The scheduler's state after a step (counters are totals since start)."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_preemptions: int = 0
+
+
+class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True):
+    """One message from the core: a step's outputs plus the scheduler state after it.
+
+    `scheduled` maps core request ids to the time they were first scheduled (for queue-time
+    metrics); `error` is set once, when the core is about to die."""
+
+    outputs: list[EngineCoreOutput] = []
+    stats: Optional[EngineCoreStats] = None
+    scheduled: dict[str, float] = {}
+    ready: bool = False
+    error: Optional[str] = None
+
+
+class EngineCoreAbort(msgspec.Struct, array_like=True):
+    request_ids: list[str]
