@@ -51,15 +51,15 @@ def summarize(values: Sequence[float], percentiles: Iterable[float] = DEFAULT_PE
     arr = np.asarray(values, dtype=np.float64) * scale
     if arr.size == 0:
         out = {"mean": 0.0, "median": 0.0, "std": 0.0, "min": 0.0, "max": 0.0}
-        out.update({f"p{_pct_name(p)}": 0.0 for p in percentiles})
+        out.update({f"p{pct_name(p)}": 0.0 for p in percentiles})
         return out
     out = {"mean": float(arr.mean()), "median": float(np.median(arr)),
            "std": float(arr.std()), "min": float(arr.min()), "max": float(arr.max())}
-    out.update({f"p{_pct_name(p)}": float(np.percentile(arr, p)) for p in percentiles})
+    out.update({f"p{pct_name(p)}": float(np.percentile(arr, p)) for p in percentiles})
     return out
 
 
-def _pct_name(p: float) -> str:
+def pct_name(p: float) -> str:
     return str(int(p)) if float(p).is_integer() else str(p)
 
 
@@ -142,7 +142,7 @@ def compute_serving_metrics(results: Sequence[RequestResult], duration: float,
         out[f"median_{name}_ms"] = stats["median"]
         out[f"std_{name}_ms"] = stats["std"]
         for p in pcts:
-            out[f"p{_pct_name(p)}_{name}_ms"] = stats[f"p{_pct_name(p)}"]
+            out[f"p{pct_name(p)}_{name}_ms"] = stats[f"p{pct_name(p)}"]
     return out
 
 

@@ -22,7 +22,7 @@ import httpx
 
 from pagoda.benchmarks.datasets import SampleRequest
 from pagoda.benchmarks.metrics import (RequestResult, arrival_offsets,
-                                       compute_serving_metrics)
+                                       compute_serving_metrics, pct_name)
 
 
 @dataclass
@@ -243,7 +243,8 @@ def print_metrics(m: dict[str, Any], cfg: ServeConfig) -> None:
     for name, title in (("ttft", "TTFT"), ("tpot", "TPOT"), ("itl", "ITL"), ("e2el", "E2EL")):
         rows += [(f"Mean {title} (ms)", m[f"mean_{name}_ms"]),
                  (f"Median {title} (ms)", m[f"median_{name}_ms"])]
-        rows += [(f"P{p} {title} (ms)", m[f"p{p}_{name}_ms"]) for p in cfg.percentiles]
+        rows += [(f"P{pct_name(p)} {title} (ms)", m[f"p{pct_name(p)}_{name}_ms"])
+                 for p in cfg.percentiles]
     print_table("Serving Benchmark Result", rows)
 
 

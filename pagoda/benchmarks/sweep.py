@@ -10,6 +10,7 @@ from typing import Any
 
 from pagoda.benchmarks import serve
 from pagoda.benchmarks.common import write_json
+from pagoda.benchmarks.metrics import pct_name
 
 _POINT_KEYS = ("completed", "failed", "duration", "request_throughput", "output_throughput",
                "total_token_throughput", "max_concurrency_observed", "goodput")
@@ -56,10 +57,13 @@ def plot(points: list[dict], path: str, percentiles: tuple = (50, 99)) -> str:
     for ax, metric, title in ((axes[0], "ttft", "TTFT"), (axes[1], "tpot", "TPOT")):
         ax.plot(xs, [p[f"mean_{metric}_ms"] for p in points], "o-", label="mean")
         for pct in percentiles:
-            name = f"p{int(pct) if float(pct).is_integer() else pct}_{metric}_ms"
+            name = f"p{pct_name(pct)}_{metric}_ms"
             if name in points[0]:
                 ax.plot(xs, [p[name] for p in points], "o--", label=name.split("_")[0])
+        if max(xs) / min(xs) > 4:
+            ax.set_xscale("log", base=2)
         ax.set_xticks(xs, labels)
+        ax.minorticks_off()
         ax.set_xlabel("request rate (req/s)")
         ax.set_ylabel(f"{title} (ms)")
         ax.set_title(f"{title} vs request rate")
