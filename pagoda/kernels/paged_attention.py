@@ -237,7 +237,7 @@ def paged_attention(
         DIM_P2=dim_p2, TILE_N=tile_n, NUM_SPLITS=num_splits,
         USE_SOFT_CAP=bool(soft_cap), USE_WINDOW=bool(sliding_window),
         USE_ALIBI=alibi_slopes is not None, PAGED=paged,
-        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PREC="ieee" if q.dtype == torch.float32 else None,
         num_warps=8 if (dim_p2 >= 256 and block_m >= 64) else 4,
     )
     if num_splits > 1:

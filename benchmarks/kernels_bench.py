@@ -1,0 +1,173 @@
+"""Time each Triton kernel with triton.testing.do_bench (median) at real shapes in bf16, and
+report achieved bandwidth against the measured device-to-device copy rate (bytes read plus
+bytes written), or TFLOP/s for compute-bound attention prefill.
+
+    PYTHONPATH=. python benchmarks/kernels_bench.py
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import torch
+import triton
+from triton.testing import do_bench
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pagoda.attention.backend import CommonAttentionMetadata  # noqa: E402
+from pagoda.attention.backends.triton import TritonBackend  # noqa: E402
+from pagoda.kernels.activation import silu_and_mul  # noqa: E402
+from pagoda.kernels.kv_cache import write_kv_cache  # noqa: E402
+from pagoda.kernels.layernorm import fused_add_rms_norm, rms_norm  # noqa: E402
+from pagoda.kernels.rotary import apply_rotary  # noqa: E402
+from pagoda.kernels.sampling import sample  # noqa: E402
+
+DEV, BF = "cuda", torch.bfloat16
+ROWS: list[tuple[str, float, str]] = []
+
+
+def bench(fn) -> float:
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")  # ms
+
+
+def record(name: str, ms: float, nbytes: float = 0.0, flops: float = 0.0, copy_gbs: float = 0.0):
+    parts = [f"{ms * 1e3:9.1f} us"]
+    if nbytes:
+        gbs = nbytes / ms / 1e6
+        parts.append(f"{gbs:7.0f} GB/s" + (f" ({100 * gbs / copy_gbs:3.0f}% of copy)" if copy_gbs else ""))
+    if flops:
+        parts.append(f"{flops / ms / 1e9:6.1f} TFLOP/s")
+    ROWS.append((name, ms, "  ".join(parts)))
+    print(f"{name:58s} {'  '.join(parts)}", flush=True)
+
+
+def copy_rate() -> float:
+    src = torch.randn(512 * 2**20, device=DEV, dtype=BF)  # 1 GiB
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    gbs = 2 * src.numel() * 2 / ms / 1e6
+    record("d2d copy 1 GiB (read+write)", ms, 2 * src.numel() * 2)
+    return gbs
+
+
+def decode_meta(batch: int, ctx: int, block_size: int, num_blocks: int, qlen: int = 1):
+    """`batch` sequences of `ctx` cached tokens plus `qlen` new ones, random block tables."""
+    seq = ctx + qlen
+    nblk = -(-seq // block_size)
+    table = torch.randperm(num_blocks, device=DEV)[: batch * nblk].view(batch, nblk).int()
+    pos = torch.arange(ctx, seq, device=DEV)
+    slots = (table[:, pos // block_size].long() * block_size + pos % block_size).flatten()
+    qsl = torch.arange(0, batch + 1, device=DEV, dtype=torch.int32) * qlen
+    sl = torch.full((batch,), seq, device=DEV, dtype=torch.int32)
+    return CommonAttentionMetadata(batch, batch * qlen, qlen, seq, qsl, sl, table, slots,
+                                   qsl.cpu(), sl.cpu())
+
+
+class Layer:
+    def __init__(self, h, hkv, d):
+        self.num_heads, self.num_kv_heads, self.head_dim = h, hkv, d
+        self.scale = 1.0 / math.sqrt(d)
+        self.sliding_window = self.logits_soft_cap = self.alibi_slopes = None
+
+
+def bench_attention(copy_gbs: float, label: str, batch: int, ctx: int, qlen: int,
+                    h=32, hkv=8, d=128, block_size=16, force_splits=None):
+    layer = Layer(h, hkv, d)
+    seq = ctx + qlen
+    num_blocks = batch * (-(-seq // block_size)) + 16
+    meta = decode_meta(batch, ctx, block_size, num_blocks, qlen)
+    cache = torch.randn(2, num_blocks, block_size, hkv, d, device=DEV, dtype=BF)
+    t = batch * qlen
+    q = torch.randn(t, h, d, device=DEV, dtype=BF)
+    k, v = torch.randn(t, hkv, d, device=DEV, dtype=BF), torch.randn(t, hkv, d, device=DEV, dtype=BF)
+    backend = TritonBackend(force_splits=force_splits)
+    built = backend.build_metadata(meta)
+    ms = bench(lambda: backend.forward(layer, q, k, v, cache, built))
+    kv_bytes = 2 * batch * seq * hkv * d * 2  # every cached key and value read once
+    io_bytes = 2 * q.numel() * 2 + 2 * k.numel() * 2 * 2  # q in, out, k/v in and written
+    causal_pairs = batch * (qlen * ctx + qlen * (qlen + 1) / 2)
+    flops = 4 * h * d * causal_pairs
+    splits = built.num_splits(hkv) if force_splits is None else force_splits
+    name = f"attn {label} B={batch} ctx={ctx} q={qlen} H={h}/{hkv} D={d} splits={splits}"
+    if qlen == 1:
+        record(name, ms, kv_bytes + io_bytes, copy_gbs=copy_gbs)
+    else:
+        record(name, ms, flops=flops)
+
+
+def bench_small_kernels(copy_gbs: float):
+    t, hid = 4096, 4096
+    x = torch.randn(t, hid, device=DEV, dtype=BF)
+    res, w = torch.randn_like(x), torch.rand(hid, device=DEV, dtype=BF) + 0.5
+    record(f"rms_norm [{t}, {hid}]", bench(lambda: rms_norm(x, w, 1e-6)), 2 * x.numel() * 2,
+           copy_gbs=copy_gbs)
+    record(f"fused_add_rms_norm [{t}, {hid}]", bench(lambda: fused_add_rms_norm(x, res, w, 1e-6)),
+           4 * x.numel() * 2, copy_gbs=copy_gbs)
+    inter = 14336
+    g = torch.randn(t, 2 * inter, device=DEV, dtype=BF)
+    record(f"silu_and_mul [{t}, 2x{inter}]", bench(lambda: silu_and_mul(g)), 3 * t * inter * 2,
+           copy_gbs=copy_gbs)
+    h, hkv, d = 32, 8, 128
+    q = torch.randn(t, h, d, device=DEV, dtype=BF)
+    k = torch.randn(t, hkv, d, device=DEV, dtype=BF)
+    cos_sin = torch.randn(8192, d, device=DEV)
+    pos = torch.randint(0, 8192, (t,), device=DEV)
+    record(f"rotary neox T={t} H={h}/{hkv} D={d}", bench(lambda: apply_rotary(pos, q, k, cos_sin)),
+           2 * (q.numel() + k.numel()) * 2 + t * d * 4, copy_gbs=copy_gbs)
+    num_blocks, bs = 4096, 16
+    cache = torch.empty(2, num_blocks, bs, hkv, d, device=DEV, dtype=BF)
+    slots = torch.randperm(num_blocks * bs, device=DEV)[:t]
+    v = torch.randn_like(k)
+    record(f"write_kv_cache T={t} Hkv={hkv} D={d}",
+           bench(lambda: write_kv_cache(k, v, cache, slots)), 4 * k.numel() * 2,
+           copy_gbs=copy_gbs)
+
+
+def bench_sampling(copy_gbs: float):
+    for b in (8, 256):
+        vocab = 128256
+        logits = torch.randn(b, vocab, device=DEV) * 4
+        q = torch.empty_like(logits).exponential_()
+        temp = torch.full((b,), 0.8, device=DEV)
+        greedy = torch.zeros(b, device=DEV)
+        top_k = torch.full((b,), 50, device=DEV, dtype=torch.int32)
+        no_k = torch.zeros(b, device=DEV, dtype=torch.int32)
+        top_p = torch.full((b,), 0.9, device=DEV)
+        ones, zeros = torch.ones(b, device=DEV), torch.zeros(b, device=DEV)
+        nbytes = 2 * logits.numel() * 4  # logits + noise read once: the floor
+        record(f"sample greedy B={b} V={vocab}",
+               bench(lambda: sample(logits, greedy, no_k, ones, zeros, q)), logits.numel() * 4,
+               copy_gbs=copy_gbs)
+        record(f"sample plain B={b}", bench(lambda: sample(logits, temp, no_k, ones, zeros, q)),
+               nbytes, copy_gbs=copy_gbs)
+        record(f"sample top_k=50 top_p=0.9 B={b}",
+               bench(lambda: sample(logits, temp, top_k, top_p, zeros, q)), nbytes,
+               copy_gbs=copy_gbs)
+
+
+def main():
+    assert torch.cuda.is_available(), "needs a CUDA device"
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
+          f"triton {triton.__version__}", flush=True)
+    torch.manual_seed(0)
+    copy_gbs = copy_rate()
+    for batch, ctx in ((1, 4096), (1, 32768), (8, 8192), (64, 2048), (256, 1024), (256, 4096)):
+        bench_attention(copy_gbs, "decode", batch, ctx, 1)
+    for batch, ctx in ((1, 32768), (4, 8192)):  # split-KV off, to show what it buys
+        bench_attention(copy_gbs, "decode", batch, ctx, 1, force_splits=1)
+    bench_attention(copy_gbs, "decode D=256 Hkv=8", 32, 4096, 1, h=16, hkv=8, d=256)
+    bench_attention(copy_gbs, "prefill", 1, 0, 4096)
+    bench_attention(copy_gbs, "prefill", 8, 0, 512)
+    bench_attention(copy_gbs, "chunked prefill", 4, 4096, 512)
+    bench_small_kernels(copy_gbs)
+    bench_sampling(copy_gbs)
+    if os.environ.get("OUT"):  # the device machine's result folder
+        with open(os.path.join(os.environ["OUT"], "kernels_bench.txt"), "w") as f:
+            f.writelines(f"{name:58s} {text}\n" for name, _, text in ROWS)
+
+
+if __name__ == "__main__":
+    main()
