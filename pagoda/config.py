@@ -128,7 +128,8 @@ class EngineArgs:
         _check_architecture(hf_config)
         dtype = _resolve_dtype(self.dtype, hf_config, device)
         max_model_len = _resolve_max_model_len(self.max_model_len, hf_config)
-        batched = self.max_num_batched_tokens or max(8192, max_model_len)
+        # Chunked prefill is always on, so the step budget need not cover a whole prompt.
+        batched = self.max_num_batched_tokens or 8192
         _check(batched >= 1, "max_num_batched_tokens", "must be >= 1")
         load_format = "gguf" if gguf_file and self.load_format == "auto" else self.load_format
         model_config = ModelConfig(

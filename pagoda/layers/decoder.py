@@ -16,7 +16,7 @@ from pagoda.layers.attention import Attention
 from pagoda.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from pagoda.layers.layernorm import RMSNorm
 from pagoda.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
-from pagoda.layers.rotary import RotaryEmbedding
+from pagoda.layers.rotary import get_rope
 from pagoda.model_loader.weight_utils import (LLAMA_STACKED, check_all_loaded,
                                               load_named_weights)
 
@@ -25,10 +25,18 @@ def head_dim_of(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def hidden_act_of(config: Any) -> str:
+    """Gemma 2 names it `hidden_activation`; everyone else `hidden_act`."""
+    return (getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
+            or "silu")
+
+
 class RotarySelfAttention(nn.Module):
     def __init__(self, config: Any, layer_idx: int, max_position: int, qkv_bias: bool = False,
                  qk_norm: bool = False, o_bias: bool = False,
-                 sliding_window: Optional[int] = None):
+                 sliding_window: Optional[int] = None, scale: Optional[float] = None,
+                 logits_soft_cap: Optional[float] = None, rotary_dim: Optional[int] = None,
+                 norm_offset: float = 0.0):
         super().__init__()
         tp = get_tp_size()
         self.head_dim = head_dim_of(config)
@@ -42,11 +50,14 @@ class RotarySelfAttention(nn.Module):
         self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim,
                                         config.hidden_size, bias=o_bias)
         eps = getattr(config, "rms_norm_eps", 1e-6)
-        self.q_norm = RMSNorm(self.head_dim, eps) if qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, eps) if qk_norm else None
-        self.rotary_emb = RotaryEmbedding(config, self.head_dim, max_position=max_position)
-        self.attn = Attention(self.num_heads, self.head_dim, self.head_dim ** -0.5,
-                              self.num_kv_heads, layer_idx, sliding_window=sliding_window)
+        self.q_norm = RMSNorm(self.head_dim, eps, norm_offset) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, eps, norm_offset) if qk_norm else None
+        self.rotary_emb = get_rope(config, self.head_dim, rotary_dim=rotary_dim,
+                                   max_position=max_position)
+        self.attn = Attention(self.num_heads, self.head_dim,
+                              scale if scale is not None else self.head_dim ** -0.5,
+                              self.num_kv_heads, layer_idx, sliding_window=sliding_window,
+                              logits_soft_cap=logits_soft_cap)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
@@ -78,15 +89,18 @@ class PreNormDecoderLayer(nn.Module):
     """x -> norm -> attention -> (+x) -> norm -> MLP -> (+), with the residual add fused
     into the next norm."""
 
-    def __init__(self, config: Any, layer_idx: int, max_position: int, **attn_options):
+    def __init__(self, config: Any, layer_idx: int, max_position: int,
+                 mlp: Optional[nn.Module] = None, norm_offset: float = 0.0, **attn_options):
         super().__init__()
         eps = getattr(config, "rms_norm_eps", 1e-6)
-        self.input_layernorm = RMSNorm(config.hidden_size, eps)
-        self.self_attn = RotarySelfAttention(config, layer_idx, max_position, **attn_options)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size,
-                            getattr(config, "hidden_act", "silu"),
-                            bias=getattr(config, "mlp_bias", False))
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, norm_offset)
+        self.self_attn = RotarySelfAttention(config, layer_idx, max_position,
+                                             norm_offset=norm_offset, **attn_options)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, norm_offset)
+        # MoE families pass their sparse block; everyone else gets the gated MLP.
+        self.mlp = mlp if mlp is not None else GatedMLP(
+            config.hidden_size, config.intermediate_size, hidden_act_of(config),
+            bias=getattr(config, "mlp_bias", False))
 
     def forward(self, positions, hidden, residual):
         if residual is None:
@@ -100,14 +114,21 @@ class PreNormDecoderLayer(nn.Module):
 
 
 class DecoderStack(nn.Module):
-    def __init__(self, config: Any, make_layer, final_norm: nn.Module):
+    """`embed_scale` multiplies the embeddings (Gemma scales them by sqrt(hidden_size))."""
+
+    def __init__(self, config: Any, make_layer, final_norm: nn.Module,
+                 embed_scale: Optional[float] = None):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(make_layer(i) for i in range(config.num_hidden_layers))
         self.norm = final_norm
+        self.embed_scale = embed_scale
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden, residual = self.embed_tokens(input_ids), None
+        if self.embed_scale is not None:
+            # Gemma rounds the scale to the activation dtype before multiplying.
+            hidden = hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual)
         hidden, _ = self.norm(hidden, residual)
@@ -119,13 +140,16 @@ class CausalLM(nn.Module):
 
     stacked_params_mapping = LLAMA_STACKED
     skip_prefixes: tuple[str, ...] = ()
+    # (regex, replacement) from checkpoint names to ours, for families named unlike Llama.
+    weight_substitutions: tuple[tuple[str, str], ...] = ()
 
-    def __init__(self, config: Any, model: nn.Module):
+    def __init__(self, config: Any, model: nn.Module, lm_head: Optional[nn.Module] = None):
         super().__init__()
         self.config = config
         self.model = model
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size,
-                                      soft_cap=getattr(config, "final_logit_softcapping", None))
+        self.lm_head = lm_head or ParallelLMHead(
+            config.vocab_size, config.hidden_size,
+            soft_cap=getattr(config, "final_logit_softcapping", None))
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
         if self.tied:
             self.lm_head.tie_to(self.model.embed_tokens)
@@ -138,7 +162,8 @@ class CausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         skip = self.skip_prefixes + (("lm_head.",) if self.tied else ())
-        loaded = load_named_weights(self, weights, self.stacked_params_mapping, skip)
+        loaded = load_named_weights(self, weights, self.stacked_params_mapping, skip,
+                                    substitutions=self.weight_substitutions)
         if self.tied:
             loaded.add("lm_head.weight")
         check_all_loaded(self, loaded, type(self).__name__)

@@ -5,6 +5,7 @@ dynamic, yarn, longrope), so scaling variants match the reference implementation
 
 from __future__ import annotations
 
+import json
 from typing import Any, Optional
 
 import torch
@@ -78,3 +79,19 @@ class RotaryEmbedding(nn.Module):
             rotated = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
             rotated = rotated.flatten(-2)
         return torch.cat([rotated, rest], dim=-1) if rest.numel() else rotated
+
+
+_ROPE_CACHE: dict[tuple, RotaryEmbedding] = {}
+
+
+def get_rope(config: Any, head_dim: int, rotary_dim: Optional[int] = None,
+             max_position: int = 2048, is_neox_style: bool = True) -> RotaryEmbedding:
+    """One shared module per distinct rope setting and device: a 128k-position cos/sin cache
+    is 64 MB, which every layer would otherwise hold a copy of."""
+    device = torch.empty(0).device  # the device the model is being built on
+    key = (json.dumps(rope_parameters(config), sort_keys=True, default=str), head_dim,
+           rotary_dim, max_position, is_neox_style, str(device))
+    if key not in _ROPE_CACHE:
+        _ROPE_CACHE[key] = RotaryEmbedding(config, head_dim, rotary_dim, max_position,
+                                           is_neox_style)
+    return _ROPE_CACHE[key]
