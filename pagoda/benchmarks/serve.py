@@ -286,7 +286,8 @@ def add_cli_args(parser) -> None:
     parser.add_argument("--max-concurrency", type=int, default=None)
     parser.add_argument("--goodput", nargs="+", default=None, metavar="KEY:MS",
                         help="SLOs, e.g. ttft:200 tpot:50 (keys ttft, tpot, e2el)")
-    parser.add_argument("--percentiles", type=str, default="50,99")
+    parser.add_argument("--metric-percentiles", type=str, default="50,99",
+                        help="percentiles reported for TTFT, TPOT, ITL and E2EL")
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction,
                         default=True, help="send ignore_eos (a vLLM extension)")
@@ -310,7 +311,7 @@ def config_from_args(args, request_rate: Optional[float] = None) -> ServeConfig:
         goodput=parse_goodput(args.goodput), request_timeout=args.request_timeout,
         max_duration=args.max_duration, ignore_eos=args.ignore_eos,
         temperature=args.temperature,
-        percentiles=tuple(float(p) for p in args.percentiles.split(",") if p.strip()),
+        percentiles=tuple(float(p) for p in args.metric_percentiles.split(",") if p.strip()),
         test_request=not args.no_test_request)
 
 
