@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
+import re
+
 import torch
 from torch import nn
 
@@ -27,13 +29,18 @@ def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id=No
 
 def load_named_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
                        stacked: StackedMapping = (), skip_prefixes: Sequence[str] = (),
-                       rename: dict[str, str] | None = None) -> set[str]:
+                       rename: dict[str, str] | None = None,
+                       substitutions: Sequence[tuple[str, str]] = ()) -> set[str]:
     """Loads every checkpoint tensor into its parameter; returns the parameter names loaded.
-    An unknown tensor name or a shape that does not fit is a ValueError naming the tensor."""
+    An unknown tensor name or a shape that does not fit is a ValueError naming the tensor.
+    `substitutions` are (regex, replacement) pairs applied in order after `rename`, so a
+    family whose checkpoint names differ from the shared blocks' names needs no loader."""
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
     for ckpt_name, tensor in weights:
         name = _rename(ckpt_name, rename or {})
+        for pattern, replacement in substitutions:
+            name = re.sub(pattern, replacement, name)
         if name.endswith(_ALWAYS_SKIPPED) or name.startswith(tuple(skip_prefixes)):
             continue
         target, shard_id = name, None
