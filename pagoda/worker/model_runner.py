@@ -1,5 +1,8 @@
-"""Runs one scheduled step: keeps per-request state, builds the flat token batch and the
-attention metadata, runs the model under the forward context and samples."""
+"""Runs one scheduled step: keeps per-request state, gathers the flat token batch into
+persistent buffers, runs the model (a CUDA-graph replay for decode-only steps on the GPU,
+eagerly otherwise) under the forward context, and samples.
+
+A step has one host-device sync: reading back the sampled ids."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from pagoda import platform
 from pagoda.attention.backend import CommonAttentionMetadata, get_attention_backend
 from pagoda.config import EngineConfig
 from pagoda.core.sched_output import ModelRunnerOutput, SchedulerOutput
@@ -16,18 +20,21 @@ from pagoda.forward_context import set_forward_context
 from pagoda.layers.attention import Attention
 from pagoda.layers.sampler import Sampler, gather_logprobs
 from pagoda.model_loader.loader import get_model
-from pagoda import platform
-from pagoda.worker.input_batch import RequestState, build_sampling_metadata
+from pagoda.worker.cuda_graphs import CudaGraphRunner, StepBuffers, capture_sizes
+from pagoda.worker.input_batch import (InputBatch, RequestState, SamplingMetadataCache,
+                                       sample)
 
 
 @dataclass
 class StepInputs:
     req_ids: list[str]
+    rows: np.ndarray  # InputBatch row of each request
+    graph_size: int  # > 0: replay the graph of this padded size
     input_ids: torch.Tensor
     positions: torch.Tensor
     common: CommonAttentionMetadata
-    logits_indices: torch.Tensor  # token index whose logits sample, one per sampling request
-    sampling_rows: list[int]  # index into req_ids of each sampling request
+    sampling_rows: np.ndarray  # index into req_ids of each request that samples
+    logits_indices: Optional[torch.Tensor]  # None: hidden[:n] are the sampling rows
     prompt_lp_spans: list[tuple[int, int, int, int]]  # (req idx, first tok, count, position)
 
 
@@ -38,13 +45,23 @@ class ModelRunner:
         self.block_size = config.cache_config.block_size
         self.model = get_model(config.model_config, self.device)
         self.vocab_size = config.model_config.vocab_size
+        self.max_model_len = config.model_config.max_model_len
         self.backend = get_attention_backend(platform.default_attention_backend(self.device))
         self.sampler = Sampler()
-        self.states: dict[str, RequestState] = {}
         self.kv_caches: Optional[list[torch.Tensor]] = None
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        sched = config.scheduler_config
+        self.batch = InputBatch(sched.max_num_seqs, self.max_model_len, self.block_size)
+        self.use_graphs = (self.device.type == "cuda" and not config.enforce_eager
+                           and self.backend.name == "triton")
+        sizes = capture_sizes(sched.max_num_seqs, sched.max_num_batched_tokens)
+        self.graphs = CudaGraphRunner(sizes if self.use_graphs else [])
+        self.buffers = StepBuffers(max(sched.max_num_batched_tokens, sizes[-1]),
+                                   max(sched.max_num_seqs, sizes[-1]), self.batch.max_blocks,
+                                   self.device)
+        self.md_cache = SamplingMetadataCache(self.batch, self.vocab_size, self.device)
 
-    # -- KV cache -----------------------------------------------------------------------
+    # -- KV cache, profiling, graphs -----------------------------------------------------
     def kv_bytes_per_block(self) -> int:
         itemsize = torch.empty(0, dtype=self.config.model_config.dtype).element_size()
         return sum(2 * self.block_size * layer.num_kv_heads * layer.head_dim * itemsize
@@ -58,18 +75,43 @@ class ModelRunner:
 
     @torch.inference_mode()
     def profile_run(self, num_tokens: int) -> None:
-        """A forward at the largest step size with no KV cache, to measure peak memory."""
-        max_len = self.config.model_config.max_model_len
-        lens = [min(max_len, num_tokens - i) for i in range(0, num_tokens, max_len)]
+        """A forward at the largest step size with no KV cache, then logits and sampling
+        noise for the largest batch of sequences, to measure peak memory."""
+        lens = [min(self.max_model_len, num_tokens - i)
+                for i in range(0, num_tokens, self.max_model_len)]
         starts = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+        seq_lens = np.array(lens, dtype=np.int32)
         ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
         positions = torch.from_numpy(np.concatenate([np.arange(n) for n in lens])).to(self.device)
-        common = self._common_metadata(starts, np.array(lens, dtype=np.int32),
-                                       np.zeros((len(lens), 1), np.int32),
-                                       np.zeros(num_tokens, np.int64))
+        common = _common(len(lens), num_tokens, max(lens), starts, seq_lens,
+                         torch.from_numpy(starts).to(self.device),
+                         torch.from_numpy(seq_lens).to(self.device),
+                         torch.zeros(len(lens), 1, dtype=torch.int32, device=self.device),
+                         torch.full((num_tokens,), -1, dtype=torch.int64, device=self.device))
         with set_forward_context(self.backend.build_metadata(common), None, self.backend):
             hidden = self.model(ids, positions)
-        self.model.compute_logits(hidden[starts[1:] - 1])
+        rows = min(num_tokens, self.config.scheduler_config.max_num_seqs)
+        logits = self.model.compute_logits(hidden[:rows])
+        torch.empty_like(logits).exponential_()
+
+    @torch.inference_mode()
+    def capture_cudagraphs(self) -> None:
+        if not self.use_graphs or self.kv_caches is None:
+            return
+        self.buffers.set_dummy_decode(self.graphs.sizes[-1])
+        self.graphs.capture(self._graph_forward)
+
+    def _graph_forward(self, size: int) -> torch.Tensor:
+        buf = self.buffers
+        qsl, seq_lens = buf.dev["query_start_loc"][:size + 1], buf.dev["seq_lens"][:size]
+        # max_seq_len only picks the split-KV factor, frozen into the graph: plan for the
+        # longest context so long sequences keep their parallelism.
+        common = _common(size, size, 1, np.arange(size + 1, dtype=np.int32),
+                         np.full(size, self.max_model_len, np.int32), qsl, seq_lens,
+                         buf.block_table[:size], buf.dev["slot_mapping"][:size])
+        with set_forward_context(self.backend.build_metadata(common), self.kv_caches,
+                                 self.backend):
+            return self.model(buf.dev["input_ids"][:size], buf.dev["positions"][:size])
 
     # -- one step -----------------------------------------------------------------------
     @torch.inference_mode()
@@ -77,93 +119,120 @@ class ModelRunner:
         self._update_states(sched)
         if sched.is_empty:
             return ModelRunnerOutput([], [])
-        inputs = self._prepare_inputs(sched)
-        metadata = self.backend.build_metadata(inputs.common)
-        with set_forward_context(metadata, self.kv_caches, self.backend):
-            hidden = self.model(inputs.input_ids, inputs.positions)
-        return self._sample(inputs, hidden)
+        step = self._prepare_inputs(sched)
+        if step.graph_size:
+            hidden = self.graphs.replay(step.graph_size)
+        else:
+            metadata = self.backend.build_metadata(step.common)
+            with set_forward_context(metadata, self.kv_caches, self.backend):
+                hidden = self.model(step.input_ids, step.positions)
+        return self._sample(step, hidden)
 
     def _update_states(self, sched: SchedulerOutput) -> None:
         for req_id in sched.finished_req_ids:
-            self.states.pop(req_id, None)
+            self.batch.remove(req_id)
         for data in sched.scheduled_new_reqs:
-            self.states[data.req_id] = RequestState.from_new(data, self.vocab_size, self.device)
+            self.batch.remove(data.req_id)  # a resumed request starts over
+            self.batch.add(data, self.vocab_size, self.device)
         for data in sched.scheduled_cached_reqs:
-            state = self.states[data.req_id]
-            state.block_ids.extend(data.new_block_ids)
-            state.num_computed_tokens = data.num_computed_tokens
+            self.batch.update(data)
 
     def _prepare_inputs(self, sched: SchedulerOutput) -> StepInputs:
+        batch, bs = self.batch, self.block_size
         req_ids = list(sched.num_scheduled_tokens)
-        counts = np.array([sched.num_scheduled_tokens[r] for r in req_ids], dtype=np.int32)
-        starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
-        input_ids, positions, sampling_rows, lp_spans = [], [], [], []
-        max_blocks = max(len(self.states[r].block_ids) for r in req_ids)
-        block_table = np.zeros((len(req_ids), max_blocks), dtype=np.int32)
-        seq_lens = np.empty(len(req_ids), dtype=np.int32)
+        n = len(req_ids)
+        rows = np.fromiter((batch.states[r].row for r in req_ids), np.int64, n)
+        counts = np.fromiter(sched.num_scheduled_tokens.values(), np.int32, n)
+        starts = np.zeros(n + 1, np.int32)
+        np.cumsum(counts, out=starts[1:])
+        total = int(starts[-1])
+        first = batch.num_computed[rows]
+        seq_lens = first + counts
+        if total == n:  # decode-only: one token per request
+            token_rows, positions = rows, first.astype(np.int64)
+        else:
+            token_rows = np.repeat(rows, counts)
+            positions = np.repeat((first - starts[:-1]).astype(np.int64), counts)
+            positions += np.arange(total)
+        slots = batch.block_table[token_rows, positions // bs].astype(np.int64) * bs
+        slots += positions % bs
+        sampling_rows = np.flatnonzero(seq_lens == batch.num_tokens[rows])
+        size = self.graphs.padded_size(n) if total == n else 0
+        buf = self.buffers
+        buf.wait_host_free()
+        padded, padded_reqs = size or total, size or n
+        ids = buf.fill("input_ids", batch.token_ids[token_rows, positions], padded)
+        pos = buf.fill("positions", positions, padded)
+        slot_mapping = buf.fill("slot_mapping", slots, padded, pad=-1)
+        qsl = buf.fill("query_start_loc", starts, padded_reqs + 1, pad=total)
+        lens = buf.fill("seq_lens", seq_lens, padded_reqs)
+        width = max(1, int(batch.num_blocks[rows].max()))
+        block_table = buf.fill_block_table(batch.block_table[rows, :width], padded_reqs)
+        logits_indices = None
+        if total != n or len(sampling_rows) != n:
+            logits_indices = buf.fill("logits_indices", starts[1:][sampling_rows] - 1,
+                                      len(sampling_rows))
+        buf.mark_uploaded()
+        common = _common(n, total, int(counts.max()), starts, seq_lens, qsl[:n + 1],
+                         lens[:n], block_table[:n], slot_mapping[:total])
+        return StepInputs(req_ids, rows, size, ids, pos, common, sampling_rows,
+                          logits_indices, self._prompt_lp_spans(req_ids, starts, first))
+
+    def _prompt_lp_spans(self, req_ids: list[str], starts: np.ndarray, first: np.ndarray
+                         ) -> list[tuple[int, int, int, int]]:
+        spans = []
+        if not self.batch.prompt_lp_reqs:
+            return spans
         for i, req_id in enumerate(req_ids):
-            state = self.states[req_id]
-            first, n = state.num_computed_tokens, int(counts[i])
-            input_ids.append(state.token_ids[first:first + n])
-            positions.append(np.arange(first, first + n))
-            block_table[i, :len(state.block_ids)] = state.block_ids
-            seq_lens[i] = first + n
-            if first + n == len(state.token_ids):
-                sampling_rows.append(i)
-            if state.params.prompt_logprobs is not None and first < state.num_prompt_tokens - 1:
-                count = min(n, state.num_prompt_tokens - 1 - first)
-                lp_spans.append((i, int(starts[i]), count, first))
-        pos = np.concatenate(positions)
-        token_rows = np.repeat(np.arange(len(req_ids)), counts)
-        slots = block_table[token_rows, pos // self.block_size].astype(np.int64)
-        slots = slots * self.block_size + pos % self.block_size
-        common = self._common_metadata(starts, seq_lens, block_table, slots)
-        ids = torch.tensor(np.concatenate(input_ids), dtype=torch.long).to(self.device)
-        logits_indices = torch.tensor(starts[1:][sampling_rows] - 1, dtype=torch.long)
-        return StepInputs(req_ids, ids, torch.from_numpy(pos).long().to(self.device), common,
-                          logits_indices.to(self.device), sampling_rows, lp_spans)
+            state = self.batch.states[req_id]
+            done = int(first[i])
+            if state.params.prompt_logprobs is None or done >= state.num_prompt_tokens - 1:
+                continue
+            count = min(int(starts[i + 1] - starts[i]), state.num_prompt_tokens - 1 - done)
+            spans.append((i, int(starts[i]), count, done))
+        return spans
 
-    def _common_metadata(self, starts: np.ndarray, seq_lens: np.ndarray,
-                         block_table: np.ndarray, slots: np.ndarray) -> CommonAttentionMetadata:
-        starts_t, lens_t = torch.from_numpy(starts), torch.from_numpy(seq_lens)
-        query_lens = starts[1:] - starts[:-1]
-        return CommonAttentionMetadata(
-            num_reqs=len(seq_lens), num_actual_tokens=int(starts[-1]),
-            max_query_len=int(query_lens.max()), max_seq_len=int(seq_lens.max()),
-            query_start_loc=starts_t.to(self.device), seq_lens=lens_t.to(self.device),
-            block_table=torch.from_numpy(block_table).to(self.device),
-            slot_mapping=torch.from_numpy(slots).to(self.device),
-            query_start_loc_cpu=starts_t, seq_lens_cpu=lens_t)
-
-    def _sample(self, inputs: StepInputs, hidden: torch.Tensor) -> ModelRunnerOutput:
-        req_ids = inputs.req_ids
-        sampled_lists: list[list[int]] = [[] for _ in req_ids]
-        logprob_lists: list = [None] * len(req_ids)
-        states = [self.states[req_ids[i]] for i in inputs.sampling_rows]
-        if states:
-            logits = self.model.compute_logits(hidden[inputs.logits_indices])
-            md = build_sampling_metadata(states, self.vocab_size, self.device)
-            out = self.sampler(logits, md)
-            sampled = out.sampled.tolist()  # the step's one host sync
+    # -- sampling -----------------------------------------------------------------------
+    def _sample(self, step: StepInputs, hidden: torch.Tensor) -> ModelRunnerOutput:
+        n = len(step.req_ids)
+        sampled_lists: list[list[int]] = [[] for _ in range(n)]
+        logprob_lists: list = [None] * n
+        if len(step.sampling_rows):
+            states = [self.batch.states[step.req_ids[i]] for i in step.sampling_rows]
+            selected = hidden[:n] if step.logits_indices is None else hidden[step.logits_indices]
+            logits = self.model.compute_logits(selected)
+            out = sample(self.sampler, logits, self.md_cache.get(states))
+            sampled = out.sampled.cpu().numpy()  # the step's one host sync
+            self.batch.append_sampled(step.rows[step.sampling_rows], sampled)
             rows = _logprob_rows(out, states)
-            for j, i in enumerate(inputs.sampling_rows):
-                sampled_lists[i] = [sampled[j]]
-                states[j].token_ids.append(sampled[j])
+            for j, (i, token) in enumerate(zip(step.sampling_rows.tolist(), sampled.tolist())):
+                sampled_lists[i] = [token]
                 logprob_lists[i] = rows[j]
-        prompt_lps = self._prompt_logprobs(inputs, hidden)
-        return ModelRunnerOutput(req_ids, sampled_lists, logprob_lists, prompt_lps)
+        prompt_lps = self._prompt_logprobs(step, hidden)
+        return ModelRunnerOutput(step.req_ids, sampled_lists, logprob_lists, prompt_lps)
 
-    def _prompt_logprobs(self, inputs: StepInputs, hidden: torch.Tensor) -> dict:
+    def _prompt_logprobs(self, step: StepInputs, hidden: torch.Tensor) -> dict:
         result = {}
-        for i, start, count, first_pos in inputs.prompt_lp_spans:
-            state = self.states[inputs.req_ids[i]]
+        for i, start, count, first_pos in step.prompt_lp_spans:
+            state = self.batch.states[step.req_ids[i]]
             logprobs = torch.log_softmax(self.model.compute_logits(hidden[start:start + count]),
                                          dim=-1)
-            targets = torch.tensor(state.token_ids[first_pos + 1:first_pos + 1 + count],
-                                   device=logprobs.device)
+            tokens = self.batch.tokens(state)[first_pos + 1:first_pos + 1 + count]
+            targets = torch.from_numpy(tokens.astype(np.int64)).to(logprobs.device)
             ids, lps, ranks = gather_logprobs(logprobs, targets, state.params.prompt_logprobs)
             result[state.req_id] = list(zip(ids.tolist(), lps.tolist(), ranks.tolist()))
         return result
+
+
+def _common(num_reqs: int, num_tokens: int, max_query_len: int, starts: np.ndarray,
+            seq_lens: np.ndarray, query_start_loc: torch.Tensor, seq_lens_dev: torch.Tensor,
+            block_table: torch.Tensor, slot_mapping: torch.Tensor) -> CommonAttentionMetadata:
+    return CommonAttentionMetadata(
+        num_reqs=num_reqs, num_actual_tokens=num_tokens, max_query_len=max_query_len,
+        max_seq_len=int(seq_lens.max()) if len(seq_lens) else 0,
+        query_start_loc=query_start_loc, seq_lens=seq_lens_dev, block_table=block_table,
+        slot_mapping=slot_mapping, query_start_loc_cpu=torch.from_numpy(starts),
+        seq_lens_cpu=torch.from_numpy(seq_lens))
 
 
 def _logprob_rows(out, states: list[RequestState]) -> list[Optional[list]]:

@@ -62,6 +62,7 @@ class Worker:
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self.config.cache_config.num_blocks = num_blocks
         self.runner.initialize_kv_cache(num_blocks)
+        self.runner.capture_cudagraphs()
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute_model(sched)
