@@ -12,6 +12,11 @@ _MODELS: dict[str, tuple[str, str]] = {
     "GPTNeoXForCausalLM": ("gpt_neox", "GPTNeoXForCausalLM"),
     "GPT2LMHeadModel": ("gpt2", "GPT2LMHeadModel"),
     "GPTBigCodeForCausalLM": ("gpt_bigcode", "GPTBigCodeForCausalLM"),
+    "GPTJForCausalLM": ("gptj", "GPTJForCausalLM"),
+    "OPTForCausalLM": ("opt", "OPTForCausalLM"),
+    "BloomForCausalLM": ("bloom", "BloomForCausalLM"),
+    "FalconForCausalLM": ("falcon", "FalconForCausalLM"),
+    "PhiForCausalLM": ("phi", "PhiForCausalLM"),
 }
 
 

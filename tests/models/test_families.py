@@ -40,10 +40,26 @@ FAMILIES = {
                                     n_positions=128, multi_query=True),
     "gpt_bigcode-mha": lambda: _cfg("GPTBigCodeConfig", "GPTBigCodeForCausalLM",
                                     n_positions=128, multi_query=False),
+    "gptj": lambda: _cfg("GPTJConfig", "GPTJForCausalLM", n_positions=128, rotary_dim=8),
+    "opt": lambda: _cfg("OPTConfig", "OPTForCausalLM", ffn_dim=128, word_embed_proj_dim=64,
+                        max_position_embeddings=128, pad_token_id=2),
+    "opt-postnorm-proj": lambda: _cfg("OPTConfig", "OPTForCausalLM", ffn_dim=128,
+                                      word_embed_proj_dim=32, do_layer_norm_before=False,
+                                      max_position_embeddings=128, pad_token_id=2),
+    "bloom": lambda: _cfg("BloomConfig", "BloomForCausalLM"),
+    "falcon-new": lambda: _cfg("FalconConfig", "FalconForCausalLM", new_decoder_architecture=True,
+                               num_kv_heads=2, max_position_embeddings=128),
+    "falcon-mqa": lambda: _cfg("FalconConfig", "FalconForCausalLM", multi_query=True,
+                               parallel_attn=True, max_position_embeddings=128),
+    "falcon-alibi-seq": lambda: _cfg("FalconConfig", "FalconForCausalLM", multi_query=False,
+                                     parallel_attn=False, alibi=True, bias=True,
+                                     max_position_embeddings=128),
+    "phi": lambda: _cfg("PhiConfig", "PhiForCausalLM", intermediate_size=128,
+                        max_position_embeddings=128, partial_rotary_factor=0.5),
 }
 
 # The "preempt" run costs the most; a subset of families covers the mechanism.
-PREEMPT = {"gpt_neox", "gpt2", "gpt_bigcode-mqa"}
+PREEMPT = {"gpt_neox", "gpt2", "gpt_bigcode-mqa", "opt", "bloom", "falcon-new"}
 
 ENGINE_SETTINGS = {
     "default": {},
