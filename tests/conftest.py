@@ -1,3 +1,11 @@
+import os
+
+# Triton chooses its interpreter when it is first imported, and torch or transformers may
+# import it long before tests/kernels runs: decide here, first. Without a GPU, every Triton
+# kernel runs through the interpreter.
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 
 from tests.utils import make_model, tiny_llama_config
