@@ -130,6 +130,19 @@ def _parse_backends(spec: str) -> list[str]:
     return sorted(set(backends), key=lambda b: b != "hf")  # hf first: it frees its memory
 
 
+def _pagoda_with_roofline(args, kwargs: dict, requests: list[SampleRequest],
+                          ceilings) -> dict[str, Any]:
+    llm = common.make_llm(kwargs)
+    result, recorder = run_pagoda(llm, requests, not args.no_warmup, not args.disable_tqdm)
+    if ceilings is not None:
+        from pagoda.benchmarks import roofline
+        mc = llm.engine.config.model_config
+        shape = roofline.model_shape(mc.hf_config, mc.dtype)
+        result["roofline"] = roofline.roofline_summary(recorder.records, shape, ceilings,
+                                                       result["elapsed_time"])
+    return result
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
     from pagoda.config import EngineArgs
     backends = _parse_backends(args.backend)
@@ -138,24 +151,19 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     requests = _dataset(args, config.model_config.vocab_size, config.model_config.max_model_len)
     ceilings = _ceilings(args, str(config.device))
     report: dict[str, Any] = {"dataset": args.dataset_name, "num_prompts": len(requests)}
+    if ceilings is not None:
+        report["ceilings"] = ceilings.to_dict()
     for backend in backends:
         if backend == "hf":
             report["hf"] = run_hf_backend(kwargs, requests, args.hf_max_batch_size)
         else:
-            llm = common.make_llm(kwargs)
-            result, recorder = run_pagoda(llm, requests, not args.no_warmup,
-                                          not args.disable_tqdm)
-            if ceilings is not None:
-                from pagoda.benchmarks import roofline
-                mc = llm.engine.config.model_config
-                shape = roofline.model_shape(mc.hf_config, mc.dtype)
-                result["roofline"] = roofline.roofline_summary(
-                    recorder.records, shape, ceilings, result["elapsed_time"])
-            report["pagoda"] = result
+            report["pagoda"] = _pagoda_with_roofline(args, kwargs, requests, ceilings)
+        print_report({backend: report[backend]})  # at once: a later failure keeps it
+        common.write_json(args.output_json, report)
     if "hf" in report and "pagoda" in report:
         report["speedup_vs_hf"] = (report["pagoda"]["output_tokens_per_second"]
                                    / max(report["hf"]["output_tokens_per_second"], 1e-9))
-    print_report(report)
+        print(f"Pagoda / transformers output tok/s: {report['speedup_vs_hf']:.2f}x")
     common.write_json(args.output_json, report)
     return report
 
@@ -182,5 +190,3 @@ def print_report(report: dict[str, Any]) -> None:
         if backend == "hf":
             rows += [("HF batch size", res["hf_batch_size"])]
         common.print_table(f"Throughput ({backend})", rows)
-    if "speedup_vs_hf" in report:
-        print(f"Pagoda / transformers output tok/s: {report['speedup_vs_hf']:.2f}x")
