@@ -42,17 +42,22 @@ async def _send_error(send, status: int, message: str, headers=()) -> None:
 
 
 class GuardMiddleware:
-    """Pure ASGI (runs before any routing or parsing): the API key, then the body cap. The
-    body is read here, up to the cap, and replayed to the app."""
+    """Pure ASGI (runs before any routing or parsing): the header cap, the API key, then the
+    body cap. The body is read here, up to the cap, and replayed to the app. (h11's own
+    limit only applies to headers that arrive in several pieces.)"""
 
-    def __init__(self, app, api_key: Optional[str], max_body_bytes: int):
+    def __init__(self, app, api_key: Optional[str], max_body_bytes: int,
+                 max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES):
         self.app = app
         self.api_key = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
+        self.max_header_bytes = max_header_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if sum(len(k) + len(v) for k, v in scope["headers"]) > self.max_header_bytes:
+            return await _send_error(send, 431, "request headers are too large")
         if self.api_key is not None and scope["path"] not in OPEN_PATHS:
             auth = dict(scope["headers"]).get(b"authorization", b"")
             # compare_digest: the time taken must not tell how much of a guess was right.
@@ -93,10 +98,12 @@ def _replay(body: bytes, receive):
 
 def build_app(engine: AsyncLLM, served_model_names: list[str],
               chat_template: Optional[str] = None, api_key: Optional[str] = None,
-              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+              max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> FastAPI:
     app = FastAPI(title="Pagoda OpenAI-compatible API", version=pagoda.__version__)
     install_error_handlers(app)
-    app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=max_body_bytes)
+    app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=max_body_bytes,
+                       max_header_bytes=max_header_bytes)
     completion = ServingCompletion(engine, served_model_names)
     chat = ServingChat(engine, served_model_names, chat_template)
     app.state.engine = engine
@@ -183,7 +190,7 @@ async def serve(engine: AsyncLLM, args: Namespace, served_model_names: list[str]
     import uvicorn
     api_key = args.api_key or os.environ.get("PAGODA_API_KEY") or None
     app = build_app(engine, served_model_names, load_chat_template(args.chat_template),
-                        api_key, args.max_request_body_bytes)
+                        api_key, args.max_request_body_bytes, args.max_request_header_bytes)
     config = uvicorn.Config(app, host=args.host, port=args.port, http="h11",
                             h11_max_incomplete_event_size=args.max_request_header_bytes,
                             log_level=args.uvicorn_log_level, timeout_keep_alive=5,
