@@ -56,10 +56,23 @@ FAMILIES = {
                                      max_position_embeddings=128),
     "phi": lambda: _cfg("PhiConfig", "PhiForCausalLM", intermediate_size=128,
                         max_position_embeddings=128, partial_rotary_factor=0.5),
+    "gemma": lambda: _cfg("GemmaConfig", "GemmaForCausalLM", intermediate_size=128,
+                          num_key_value_heads=1, head_dim=32, max_position_embeddings=128),
+    "gemma2": lambda: _cfg("Gemma2Config", "Gemma2ForCausalLM", intermediate_size=128,
+                           num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+                           sliding_window=12, query_pre_attn_scalar=24,
+                           attn_logit_softcapping=5.0, final_logit_softcapping=3.0),
+    "phi3": lambda: _cfg("Phi3Config", "Phi3ForCausalLM", intermediate_size=128,
+                         num_key_value_heads=2, max_position_embeddings=128,
+                         sliding_window=24, pad_token_id=2),
+    "phi3-partial": lambda: _cfg("Phi3Config", "Phi3ForCausalLM", intermediate_size=128,
+                                 max_position_embeddings=128, partial_rotary_factor=0.5,
+                                 pad_token_id=2),
 }
 
 # The "preempt" run costs the most; a subset of families covers the mechanism.
-PREEMPT = {"gpt_neox", "gpt2", "gpt_bigcode-mqa", "opt", "bloom", "falcon-new"}
+PREEMPT = {"gpt_neox", "gpt2", "gpt_bigcode-mqa", "opt", "bloom", "falcon-new",
+           "gemma2", "phi3"}
 
 ENGINE_SETTINGS = {
     "default": {},
