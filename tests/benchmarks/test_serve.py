@@ -124,6 +124,15 @@ def test_bench_serve_against_pagoda_serve(tiny_model, tmp_path):
         assert result["completed"] == 4 and result["failed"] == 0
         assert result["total_output_tokens"] == 16
         assert result["mean_ttft_ms"] > 0 and result["mean_tpot_ms"] > 0
+        args = cli.make_parser().parse_args([
+            "serve", "--base-url", f"http://127.0.0.1:{port}", "--endpoint",
+            "/v1/chat/completions", "--tokenizer", tiny_model, "--num-prompts", "3",
+            "--input-len", "8", "--output-len", "3", "--request-rate", "20",
+            "--max-concurrency", "2", "--goodput", "ttft:60000", "--max-duration", "120"])
+        chat = cli.run(args)
+        assert chat["completed"] == 3 and chat["total_output_tokens"] == 9, chat["errors"]
+        assert chat["goodput"] == pytest.approx(chat["request_throughput"])
+        assert chat["max_concurrency_observed"] <= 2
     finally:
         proc.terminate()
         try:
