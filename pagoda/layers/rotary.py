@@ -62,8 +62,8 @@ class RotaryEmbedding(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [T, H, D], k: [T, Hkv, D]; rotated in place where a kernel does it."""
         if q.is_cuda and platform.use_triton_kernels(q.device):
-            from pagoda.kernels.rotary import apply_rotary_inplace
-            apply_rotary_inplace(positions, q, k, self.cos_sin_cache, self.is_neox_style)
+            from pagoda.kernels.rotary import apply_rotary
+            apply_rotary(positions, q, k, self.cos_sin_cache, self.is_neox_style)
             return q, k
         cos, sin = self.cos_sin_cache[positions].to(q.dtype).chunk(2, dim=-1)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
