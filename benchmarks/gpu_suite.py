@@ -1,0 +1,273 @@
+"""Stages of benchmarks/gpu_suite.sh (PERF.md P1-P4, the two ceilings, a decode profile).
+
+Each stage runs in its own process (`python benchmarks/gpu_suite.py STAGE --out DIR`) and
+writes DIR/STAGE.json; `table` reads them all and prints the summary table last.
+Models use dummy weights with the real config.json (benchmarks/model_configs/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+LLAMA = os.path.join(HERE, "model_configs", "llama-3.1-8b.json")
+QWEN3 = os.path.join(HERE, "model_configs", "qwen3-0.6b.json")
+P3_HF_SUBSET = 256  # transformers runs the first 256 of P3's 1000 requests (one batch)
+# Workload sizes; --quick shrinks them for a dry run of the plumbing on the CPU.
+SIZES = {"device": "cuda", "p1": (128, 256, 2, 5), "p2": (32, 128, 10, 30),
+         "p3": (1000, 512, 256), "p4": 256, "hf": P3_HF_SUBSET, "graphs": (1, 8, 64, 256)}
+QUICK = {"device": "cpu", "p1": (16, 8, 1, 1), "p2": (8, 8, 1, 2), "p3": (12, 32, 8), "p4": 4,
+         "hf": 4, "graphs": (1,)}
+
+
+def _save(out: str, stage: str, data: dict) -> None:
+    with open(os.path.join(out, f"{stage}.json"), "w") as f:
+        json.dump(data, f, indent=2, default=str)
+
+
+def _load(out: str, stage: str) -> dict:
+    path = os.path.join(out, f"{stage}.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _ceilings(out: str):
+    from pagoda.benchmarks.roofline import Ceilings
+    c = _load(out, "ceilings")
+    return Ceilings(c["bandwidth_gbps"], c["matmul_tflops"], c.get("device", ""))
+
+
+def _runner(llm):
+    return llm.engine.core.executor.worker.runner
+
+
+def stage_ceilings(out: str) -> dict:
+    from pagoda.benchmarks.roofline import measure_ceilings
+    return measure_ceilings(SIZES["device"]).to_dict()
+
+
+def _graph_gpu_ms(llm, size: int, iters: int = 50) -> float:
+    """Pure GPU time of one decode step's graph (no host work): replays timed by events."""
+    graphs = _runner(llm).graphs
+    if size not in graphs.graphs or SIZES["device"] != "cuda":
+        return 0.0
+    graphs.replay(size)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        graphs.replay(size)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def _profile_decode(llm, path: str, tokens: int = 32) -> None:
+    from torch.profiler import ProfilerActivity, profile
+    tokens = min(tokens, SIZES["p1"][1])
+    from pagoda import SamplingParams
+    params = SamplingParams(max_tokens=tokens, ignore_eos=True, temperature=1.0)
+    prompt = [{"prompt_token_ids": list(range(100, 228))}]
+    llm.generate(prompt, params, use_tqdm=False)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
+                                           if SIZES["device"] == "cuda" else [])
+    with profile(activities=activities) as prof:
+        llm.generate(prompt, params, use_tqdm=False)
+    averages = prof.key_averages()
+    with open(path, "w") as f:
+        for key in ("self_cuda_time_total", "self_device_time_total", "self_cpu_time_total"):
+            try:
+                f.write(f"== sorted by {key} ({tokens} tokens, batch 1, 128 in) ==\n")
+                f.write(averages.table(sort_by=key, row_limit=30) + "\n")
+            except Exception as exc:  # the key's name changed across torch versions
+                f.write(f"(not available: {exc})\n")
+
+
+def _latency(llm, ceilings, input_len, output_len, batch, warmup, iters) -> dict:
+    from pagoda.benchmarks.latency import run_latency
+    res = run_latency(llm, input_len, output_len, batch, 1, warmup, iters, 0, ceilings)
+    res["e2e_tok_per_s_per_seq"] = output_len / res["avg_latency"]
+    decode_s = res["avg_latency"] - res["prefill_ms"] / 1000.0
+    res["decode_wall_ms_per_step"] = 1000.0 * decode_s / max(output_len - 1, 1)
+    res.pop("latencies", None)
+    print(json.dumps({k: v for k, v in res.items() if not isinstance(v, (list, dict))}))
+    return res
+
+
+def _guarded(result: dict, out: str, name: str, fn) -> None:
+    """Runs one piece; a failure is logged and the later pieces still run. Saves as it goes."""
+    try:
+        result[name] = fn()
+    except Exception:
+        traceback.print_exc()
+        result[name + "_error"] = traceback.format_exc(limit=3)
+    _save(out, "llama", result)
+
+
+def stage_llama(out: str) -> dict:
+    """P1, P2, the graph GPU times, the profile, an eager P1 and P3, on one engine."""
+    from pagoda.benchmarks import common
+    ceilings = _ceilings(out)
+    start = time.perf_counter()
+    llm = common.make_llm(dict(model=LLAMA, max_model_len=4096, max_num_seqs=256,
+                               max_num_batched_tokens=8192, device=SIZES["device"]))
+    result: dict = {"startup_s": time.perf_counter() - start,
+                    "num_kv_blocks": llm.engine.config.cache_config.num_blocks}
+    print(f"llama ready in {result['startup_s']:.1f}s, {result['num_kv_blocks']} KV blocks")
+    _guarded(result, out, "p1", lambda: _latency(llm, ceilings, *SIZES["p1"][:2], 1, *SIZES["p1"][2:]))
+    _guarded(result, out, "p2", lambda: _latency(llm, ceilings, *SIZES["p2"][:2], 8, *SIZES["p2"][2:]))
+    _guarded(result, out, "graph_gpu_ms",
+             lambda: {s: _graph_gpu_ms(llm, s) for s in SIZES["graphs"]})
+    print("graph GPU ms per decode step:", result.get("graph_gpu_ms"))
+    _guarded(result, out, "profile",
+             lambda: _profile_decode(llm, os.path.join(out, "profile.txt")))
+    _guarded(result, out, "p1_eager", lambda: _eager_latency(llm, ceilings))
+    _guarded(result, out, "p3", lambda: _p3(llm, ceilings))
+    return result
+
+
+def _eager_latency(llm, ceilings) -> dict:
+    graphs = _runner(llm).graphs
+    saved, graphs.graphs = graphs.graphs, {}
+    try:
+        return _latency(llm, ceilings, SIZES["p1"][0], 64 if SIZES["device"] == "cuda" else 4,
+                        1, 1, 1)
+    finally:
+        graphs.graphs = saved
+
+
+def _p3(llm, ceilings) -> dict:
+    from pagoda.benchmarks import roofline
+    from pagoda.benchmarks.datasets import get_dataset
+    from pagoda.benchmarks.throughput import run_pagoda
+    requests = get_dataset("random", *SIZES["p3"], llm.engine.config.model_config.vocab_size)
+    p3, recorder = run_pagoda(llm, requests)
+    shape = roofline.model_shape(llm.engine.config.model_config.hf_config, torch.bfloat16)
+    p3["roofline"] = roofline.roofline_summary(recorder.records, shape, ceilings,
+                                               p3["elapsed_time"])
+    p3["engine_time_s"] = sum(r.time_s for r in recorder.records)
+    p3.pop("per_request_output_tokens", None)
+    print("P3:", json.dumps({k: v for k, v in p3.items() if not isinstance(v, list)}))
+    return p3
+
+
+def stage_hf(out: str) -> dict:
+    """P3 through transformers generate on the first P3_HF_SUBSET requests, one batch."""
+    from pagoda.benchmarks.datasets import get_dataset
+    from pagoda.benchmarks.throughput import run_hf_backend
+    from pagoda.benchmarks.roofline import load_config_json
+    vocab = load_config_json(LLAMA).vocab_size
+    requests = get_dataset("random", *SIZES["p3"], vocab)[:SIZES["hf"]]
+    res = run_hf_backend(dict(model=LLAMA, max_model_len=4096, device=SIZES["device"]),
+                         requests, SIZES["hf"])
+    res.pop("per_request_output_tokens", None)
+    res["subset"] = SIZES["hf"]
+    print("HF P3 subset:", json.dumps(res))
+    return res
+
+
+def stage_p4(out: str) -> dict:
+    from pagoda.benchmarks import common, roofline
+    from pagoda.benchmarks.datasets import get_dataset
+    from pagoda.benchmarks.throughput import run_pagoda
+    ceilings = _ceilings(out)
+    llm = common.make_llm(dict(model=QWEN3, max_model_len=4096, max_num_seqs=512,
+                               max_num_batched_tokens=16384, device=SIZES["device"]))
+    requests = get_dataset("nano", SIZES["p4"], 0, 0, llm.engine.config.model_config.vocab_size)
+    res, recorder = run_pagoda(llm, requests)
+    # nano-vllm's figure: sum(max_tokens) / wall time
+    res["nano_out_tok_per_s"] = sum(r.expected_output_len for r in requests) / res[
+        "elapsed_time"]
+    shape = roofline.model_shape(llm.engine.config.model_config.hf_config, torch.bfloat16)
+    res["roofline"] = roofline.roofline_summary(recorder.records, shape, ceilings,
+                                                res["elapsed_time"])
+    res.pop("per_request_output_tokens", None)
+    print("P4:", json.dumps(res))
+    return res
+
+
+def _row(name, figure, target, roof) -> str:
+    return f"| {name:<4} | {figure:<44} | {target:<14} | {roof:<26} |"
+
+
+def stage_table(out: str) -> dict:
+    c, llama, hf, p4 = (_load(out, s) for s in ("ceilings", "llama", "hf", "p4"))
+    lines = [f"ceilings: copy {c.get('bandwidth_gbps', 0):.0f} GB/s, "
+             f"bf16 matmul {c.get('matmul_tflops', 0):.0f} TFLOP/s ({c.get('device', '?')})",
+             _row("id", "measured", "target", "vs roofline"), _row("-" * 4, "-" * 44, "-" * 14,
+                                                                   "-" * 26)]
+    p1, p2, p3 = llama.get("p1"), llama.get("p2"), llama.get("p3")
+    if p1:
+        eff = p1.get("roofline", {}).get("decode_efficiency", 0)
+        floor = p1.get("roofline", {}).get("decode_floor_ms", 0)
+        lines.append(_row("P1", f"{p1['decode_ms_per_token']:.2f} ms/tok step, "
+                                f"{1000 / p1['decode_wall_ms_per_step']:.0f} tok/s e2e-decode",
+                          ">= 240 tok/s", f"floor {floor:.2f} ms: {100 * eff:.0f}%"))
+        lines.append(_row("", f"{p1['e2e_tok_per_s_per_seq']:.0f} tok/s incl. prefill; "
+                              f"graph GPU {llama.get('graph_gpu_ms', {}).get('1', 0):.2f} ms",
+                          "", ""))
+    if p2:
+        eff = p2.get("roofline", {}).get("decode_efficiency", 0)
+        lines.append(_row("P2", f"{1000 * p2['avg_latency']:.0f} ms mean e2e "
+                                f"({p2['decode_ms_per_token']:.2f} ms/step)",
+                          "<= 600 ms", f"decode {100 * eff:.0f}%"))
+    if p3:
+        eff = p3["roofline"]["roofline_efficiency"]
+        ratio = ""
+        if hf:
+            ratio = f", {p3['output_tokens_per_second'] / hf['output_tokens_per_second']:.1f}x HF"
+        lines.append(_row("P3", f"{p3['requests_per_second']:.2f} req/s, "
+                                f"{p3['output_tokens_per_second']:.0f} out tok/s{ratio}",
+                          ">= 50% roof", f"{100 * eff:.0f}% "
+                                         f"({p3['roofline']['roofline_time_s']:.1f}s floor)"))
+        lines.append(_row("", f"{p3['tokens_per_second']:.0f} total tok/s, "
+                              f"{p3['elapsed_time']:.1f} s", "", ""))
+    if hf:
+        lines.append(_row("P3hf", f"{hf['output_tokens_per_second']:.0f} out tok/s "
+                                  f"({hf['subset']} reqs, batch {hf['hf_batch_size']})", "", ""))
+    if p4:
+        eff = p4["roofline"]["roofline_efficiency"]
+        lines.append(_row("P4", f"{p4['nano_out_tok_per_s']:.0f} out tok/s "
+                                f"({p4['elapsed_time']:.1f} s)", "record",
+                          f"{100 * eff:.0f}%"))
+    print("\n".join(lines))
+    return {"table": lines}
+
+
+STAGES = {"ceilings": stage_ceilings, "llama": stage_llama, "hf": stage_hf, "p4": stage_p4,
+          "table": stage_table}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("stage", choices=sorted(STAGES))
+    parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/pagoda-gpu-suite"))
+    parser.add_argument("--quick", action="store_true",
+                        help="CPU dry run at tiny sizes (SUITE_LLAMA / SUITE_QWEN3 configs)")
+    args = parser.parse_args()
+    if args.quick:
+        global LLAMA, QWEN3
+        SIZES.update(QUICK)
+        LLAMA = os.environ.get("SUITE_LLAMA", LLAMA)
+        QWEN3 = os.environ.get("SUITE_QWEN3", QWEN3)
+    os.makedirs(args.out, exist_ok=True)
+    try:
+        data = STAGES[args.stage](args.out)
+    except Exception:
+        traceback.print_exc()
+        return 1
+    if args.stage != "table":
+        _save(args.out, args.stage, data)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The GPU suite: one device call runs the GPU tests, then PERF.md's P1-P4 with dummy weights
+# of benchmarks/model_configs, the two ceilings and a decode profile, and prints the summary
+# table last. Logs and JSON go under $OUT (7 files). Run from the repo root:
+#   OUT=/tmp/out bash benchmarks/gpu_suite.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/pagoda-gpu-suite}"
+mkdir -p "$OUT"
+export PYTHONPATH=. PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+LOG="$OUT/suite.log"
+stage() {  # stage NAME SECONDS: one process per stage, so each frees the GPU when done
+  echo "=== stage $1 ($(date -u +%H:%M:%S)) ===" | tee -a "$LOG"
+  timeout "$2" python benchmarks/gpu_suite.py "$1" --out "$OUT" 2>&1 | tee -a "$LOG"
+  echo "=== stage $1 rc=$? ===" | tee -a "$LOG"
+}
+{ git rev-parse HEAD 2>/dev/null; git status --short 2>/dev/null | head -20
+  nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv 2>/dev/null
+  python -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
+} 2>&1 | tee "$LOG"
+if [ "${SKIP_TESTS:-0}" != "1" ]; then
+  timeout "${TEST_TIMEOUT:-240}" python -m pytest tests/gpu -q -x -p no:cacheprovider 2>&1 \
+    | tee "$OUT/pytest.log" | tail -25
+fi
+stage ceilings 60
+stage llama "${LLAMA_TIMEOUT:-300}"
+stage p4 150
+stage hf "${HF_TIMEOUT:-150}"
+stage table 30
