@@ -60,6 +60,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:  # e.g. the server failed the test request
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

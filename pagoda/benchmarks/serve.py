@@ -191,7 +191,9 @@ async def run_benchmark(cfg: ServeConfig, prompts: list[Prompt]) -> dict[str, An
     async with httpx.AsyncClient(limits=limits, timeout=cfg.request_timeout) as client:
         cfg.model = await resolve_model(client, cfg)
         if cfg.test_request and prompts:
-            probe = Prompt(prompts[0].prompt, prompts[0].prompt_len, min(prompts[0].output_len, 4))
+            first = prompts[0]  # reversed, so that it warms no prefix of the workload
+            body = first.prompt[::-1] if isinstance(first.prompt, list) else first.prompt
+            probe = Prompt(body, first.prompt_len, min(first.output_len, 4))
             test = await send_request(client, cfg, probe)
             if not test.success:
                 raise RuntimeError(f"the test request to {cfg.url} failed: {test.error}")
