@@ -68,11 +68,22 @@ FAMILIES = {
     "phi3-partial": lambda: _cfg("Phi3Config", "Phi3ForCausalLM", intermediate_size=128,
                                  max_position_embeddings=128, partial_rotary_factor=0.5,
                                  pad_token_id=2),
+    "mixtral": lambda: _cfg("MixtralConfig", "MixtralForCausalLM", intermediate_size=64,
+                            num_local_experts=4, num_experts_per_tok=2, num_key_value_heads=2,
+                            max_position_embeddings=128),
+    "qwen2_moe": lambda: _cfg("Qwen2MoeConfig", "Qwen2MoeForCausalLM", intermediate_size=96,
+                              moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                              num_experts=4, num_experts_per_tok=2, mlp_only_layers=[1],
+                              num_key_value_heads=2, max_position_embeddings=128),
+    "qwen3_moe": lambda: _cfg("Qwen3MoeConfig", "Qwen3MoeForCausalLM", intermediate_size=96,
+                              moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                              norm_topk_prob=True, num_key_value_heads=2, head_dim=16,
+                              max_position_embeddings=128),
 }
 
 # The "preempt" run costs the most; a subset of families covers the mechanism.
 PREEMPT = {"gpt_neox", "gpt2", "gpt_bigcode-mqa", "opt", "bloom", "falcon-new",
-           "gemma2", "phi3"}
+           "gemma2", "phi3", "mixtral", "qwen2_moe"}
 
 ENGINE_SETTINGS = {
     "default": {},
