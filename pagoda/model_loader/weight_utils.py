@@ -60,6 +60,10 @@ def load_named_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tens
                 loader(param, tensor, shard_id)
         except ValueError as exc:
             raise ValueError(f"checkpoint tensor {ckpt_name!r}: {exc}") from exc
+        except (RuntimeError, IndexError) as exc:  # a loader's slicing hit a wrong shape
+            raise ValueError(f"checkpoint tensor {ckpt_name!r} of shape {tuple(tensor.shape)} "
+                             f"does not fit parameter {target!r} of shape "
+                             f"{tuple(param.shape)}: {exc}") from exc
         loaded.add(target)
     return loaded
 
