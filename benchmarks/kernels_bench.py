@@ -13,7 +13,7 @@ import sys
 
 import torch
 import triton
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -22,6 +22,7 @@ from pagoda.attention.backends.triton import TritonBackend  # noqa: E402
 from pagoda.kernels.activation import silu_and_mul  # noqa: E402
 from pagoda.kernels.kv_cache import write_kv_cache  # noqa: E402
 from pagoda.kernels.layernorm import fused_add_rms_norm, rms_norm  # noqa: E402
+from pagoda.kernels.paged_attention import paged_attention  # noqa: E402
 from pagoda.kernels.rotary import apply_rotary  # noqa: E402
 from pagoda.kernels.sampling import sample  # noqa: E402
 
@@ -29,8 +30,14 @@ DEV, BF = "cuda", torch.bfloat16
 ROWS: list[tuple[str, float, str]] = []
 
 
-def bench(fn) -> float:
-    return do_bench(fn, warmup=25, rep=100, return_mode="median")  # ms
+def bench(fn, graph: bool = True) -> float:
+    """Median ms. Decode-sized launches last less than the host takes to issue them (Python +
+    Triton's launcher on the GPU machine's slow CPU), so by default time CUDA-graph replays,
+    as the engine runs decode; graph=False shows the eager, host-bound figure."""
+    fn()  # compile outside the capture
+    if graph:
+        return do_bench_cudagraph(fn, rep=50, return_mode="median")
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
 def record(name: str, ms: float, nbytes: float = 0.0, flops: float = 0.0, copy_gbs: float = 0.0):
@@ -74,7 +81,8 @@ class Layer:
 
 
 def bench_attention(copy_gbs: float, label: str, batch: int, ctx: int, qlen: int,
-                    h=32, hkv=8, d=128, block_size=16, force_splits=None):
+                    h=32, hkv=8, d=128, block_size=16, force_splits=None, config=None,
+                    graph=True):
     layer = Layer(h, hkv, d)
     seq = ctx + qlen
     num_blocks = batch * (-(-seq // block_size)) + 16
@@ -85,13 +93,24 @@ def bench_attention(copy_gbs: float, label: str, batch: int, ctx: int, qlen: int
     k, v = torch.randn(t, hkv, d, device=DEV, dtype=BF), torch.randn(t, hkv, d, device=DEV, dtype=BF)
     backend = TritonBackend(force_splits=force_splits)
     built = backend.build_metadata(meta)
-    ms = bench(lambda: backend.forward(layer, q, k, v, cache, built))
+    if config is not None:  # tuning sweep: the attention kernel alone, with given tiles
+        splits = force_splits or 1
+        out = torch.empty_like(q)
+        fn = lambda: paged_attention(  # noqa: E731
+            q, cache[0], cache[1], out, query_start_loc=meta.query_start_loc,
+            seq_lens=meta.seq_lens, block_table=meta.block_table, num_seqs=batch,
+            max_query_len=qlen, scale=layer.scale, num_splits=splits, config=config)
+    else:
+        fn = lambda: backend.forward(layer, q, k, v, cache, built)  # noqa: E731
+    ms = bench(fn, graph)
     kv_bytes = 2 * batch * seq * hkv * d * 2  # every cached key and value read once
     io_bytes = 2 * q.numel() * 2 + 2 * k.numel() * 2 * 2  # q in, out, k/v in and written
     causal_pairs = batch * (qlen * ctx + qlen * (qlen + 1) / 2)
     flops = 4 * h * d * causal_pairs
     splits = built.num_splits(hkv) if force_splits is None else force_splits
     name = f"attn {label} B={batch} ctx={ctx} q={qlen} H={h}/{hkv} D={d} splits={splits}"
+    if config is not None:
+        name += " " + ",".join(f"{k}={v}" for k, v in config.items())
     if qlen == 1:
         record(name, ms, kv_bytes + io_bytes, copy_gbs=copy_gbs)
     else:
@@ -148,6 +167,20 @@ def bench_sampling(copy_gbs: float):
                copy_gbs=copy_gbs)
 
 
+def tuning_sweep(copy_gbs: float):
+    """Tile shapes for the attention kernel alone (keys block_m, tile_n, num_warps, num_stages)."""
+    for bm, tn, nw, ns in ((64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 8, 3),
+                           (64, 32, 4, 3), (128, 128, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2),
+                           (64, 128, 4, 2)):
+        cfg = dict(block_m=bm, tile_n=tn, num_warps=nw, num_stages=ns)
+        bench_attention(copy_gbs, "tune prefill", 1, 0, 4096, config=cfg)
+    for tn, nw, ns in ((64, 4, 3), (32, 4, 3), (128, 4, 3), (64, 2, 3), (64, 4, 4), (128, 8, 3),
+                       (64, 4, 2)):
+        cfg = dict(block_m=16, tile_n=tn, num_warps=nw, num_stages=ns)
+        bench_attention(copy_gbs, "tune decode", 64, 2048, 1, config=cfg)
+        bench_attention(copy_gbs, "tune decode", 1, 32768, 1, config=cfg, force_splits=32)
+
+
 def main():
     assert torch.cuda.is_available(), "needs a CUDA device"
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
@@ -156,14 +189,18 @@ def main():
     copy_gbs = copy_rate()
     for batch, ctx in ((1, 4096), (1, 32768), (8, 8192), (64, 2048), (256, 1024), (256, 4096)):
         bench_attention(copy_gbs, "decode", batch, ctx, 1)
-    for batch, ctx in ((1, 32768), (4, 8192)):  # split-KV off, to show what it buys
-        bench_attention(copy_gbs, "decode", batch, ctx, 1, force_splits=1)
+    bench_attention(copy_gbs, "decode EAGER", 64, 2048, 1, graph=False)
+    for batch, ctx in ((1, 32768), (4, 8192)):  # split-KV sweep (1 = off)
+        for splits in (1, 8, 16, 32, 64):
+            bench_attention(copy_gbs, "decode", batch, ctx, 1, force_splits=splits)
     bench_attention(copy_gbs, "decode D=256 Hkv=8", 32, 4096, 1, h=16, hkv=8, d=256)
     bench_attention(copy_gbs, "prefill", 1, 0, 4096)
+    bench_attention(copy_gbs, "prefill EAGER", 1, 0, 4096, graph=False)
     bench_attention(copy_gbs, "prefill", 8, 0, 512)
     bench_attention(copy_gbs, "chunked prefill", 4, 4096, 512)
     bench_small_kernels(copy_gbs)
     bench_sampling(copy_gbs)
+    tuning_sweep(copy_gbs)
     if os.environ.get("OUT"):  # the device machine's result folder
         with open(os.path.join(os.environ["OUT"], "kernels_bench.txt"), "w") as f:
             f.writelines(f"{name:58s} {text}\n" for name, _, text in ROWS)

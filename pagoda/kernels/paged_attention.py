@@ -182,14 +182,19 @@ def _reduce_splits_kernel(
              mask=d < head_dim)
 
 
-def choose_blocks(max_query_len: int, num_queries_per_kv: int, head_dim: int
-                  ) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_Q, TILE_N). tl.dot needs at least 16 rows, so decode packs the GQA
-    group (and, when the group is small, more query slots) into 16 rows."""
+def choose_config(max_query_len: int, num_queries_per_kv: int, head_dim: int,
+                  override: Optional[dict] = None) -> dict:
+    """Tile shapes and launch options. tl.dot needs at least 16 rows, so decode packs the GQA
+    group (and, when the group is small, more query slots) into 16 rows. `override` (keys
+    block_m, tile_n, num_warps, num_stages) is for tuning runs."""
     qpkv_p2 = triton.next_power_of_2(num_queries_per_kv)
-    block_m = max(16 if max_query_len <= 1 else 64, qpkv_p2)
-    tile_n = 64 if head_dim <= 128 else 32
-    return block_m, block_m // qpkv_p2, tile_n
+    dim_p2 = triton.next_power_of_2(head_dim)
+    cfg = dict(block_m=16 if max_query_len <= 1 else 64, tile_n=64 if dim_p2 <= 128 else 32,
+               num_warps=8 if (dim_p2 >= 256 and max_query_len > 1) else 4, num_stages=3)
+    cfg.update(override or {})
+    cfg["block_m"] = max(cfg["block_m"], qpkv_p2)
+    cfg["block_q"] = cfg["block_m"] // qpkv_p2
+    return cfg
 
 
 def paged_attention(
@@ -198,7 +203,7 @@ def paged_attention(
     num_seqs: int, max_query_len: int, scale: float,
     sliding_window: Optional[int] = None, soft_cap: Optional[float] = None,
     alibi_slopes: Optional[torch.Tensor] = None, num_splits: int = 1,
-    tile_n: Optional[int] = None,
+    tile_n: Optional[int] = None, config: Optional[dict] = None,
 ) -> torch.Tensor:
     """q/out: [T, H, D]. key/value: the cache halves [num_blocks, block_size, Hkv, D] (paged,
     with block_table) or, when block_table is None, this step's k/v [T, Hkv, D] (profiling
@@ -207,8 +212,8 @@ def paged_attention(
     paged = block_table is not None
     num_kv_heads = key.shape[2] if paged else key.shape[1]
     qpkv = num_heads // num_kv_heads
-    block_m, block_q, default_tile = choose_blocks(max_query_len, qpkv, head_dim)
-    tile_n = tile_n or default_tile
+    cfg = choose_config(max_query_len, qpkv, head_dim, config)
+    block_m, block_q, tile_n = cfg["block_m"], cfg["block_q"], tile_n or cfg["tile_n"]
     dim_p2 = triton.next_power_of_2(head_dim)
     if paged:
         block_size = key.shape[1]
@@ -238,7 +243,7 @@ def paged_attention(
         USE_SOFT_CAP=bool(soft_cap), USE_WINDOW=bool(sliding_window),
         USE_ALIBI=alibi_slopes is not None, PAGED=paged,
         DOT_PREC="ieee" if q.dtype == torch.float32 else None,
-        num_warps=8 if (dim_p2 >= 256 and block_m >= 64) else 4,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if num_splits > 1:
         _reduce_splits_kernel[(num_tokens, num_heads)](

@@ -6,7 +6,7 @@ and 1e-2); writes and sampled ids are compared exactly.
 
 from __future__ import annotations
 
-import math
+import copy
 
 import pytest
 import torch
@@ -43,16 +43,21 @@ def attention_case(layer, seqs, block_size=16, splits=None, pad_tokens=0, pad_re
     k = torch.randn(t, hkv, d, device=DEV, dtype=BF)
     v = torch.randn(t, hkv, d, device=DEV, dtype=BF)
     cache = torch.randn(2, num_blocks, block_size, hkv, d, device=DEV, dtype=BF)
-    cache_ref = cache.float()
+    # The fp32 oracle runs on the CPU: torch_ref builds its position tensors there.
+    cache_ref = cache.float().cpu()
     ref = TorchRefBackend()
-    out_ref = ref.forward(layer, q.float(), k.float(), v.float(), cache_ref,
-                          ref.build_metadata(meta))
+    meta_cpu = meta_to(copy.copy(meta), "cpu")
+    layer_cpu = copy.copy(layer)
+    if layer.alibi_slopes is not None:
+        layer_cpu.alibi_slopes = layer.alibi_slopes.cpu()
+    out_ref = ref.forward(layer_cpu, q.float().cpu(), k.float().cpu(), v.float().cpu(),
+                          cache_ref, ref.build_metadata(meta_cpu))
     tri = TritonBackend(force_splits=splits)
     out = tri.forward(layer, q, k, v, cache, tri.build_metadata(meta))
     torch.cuda.synchronize()
     n = meta.num_actual_tokens
-    assert torch.equal(cache.float(), cache_ref)
-    err = rel_err(out[:n], out_ref[:n])
+    assert torch.equal(cache.float().cpu(), cache_ref)
+    err = rel_err(out[:n].cpu(), out_ref[:n])
     assert err < 1e-2, err
     return err
 

@@ -20,7 +20,7 @@ from pagoda.kernels.paged_attention import paged_attention
 # Split-KV pays off only when one program per (sequence, KV head) leaves most SMs idle and each
 # split still gets several key tiles; below these sizes the extra reduce launch costs more.
 _MIN_KEYS_PER_SPLIT = 256
-_MAX_SPLITS = 16
+_MAX_SPLITS = 32
 
 
 @lru_cache(maxsize=None)
