@@ -153,7 +153,24 @@ def build_app(engine: AsyncLLM, served_model_names: list[str],
                               param="tokens")
         return DetokenizeResponse(prompt=tokenizer.decode(body.tokens))
 
+    _document_400_not_422(app)
     return app
+
+
+def _document_400_not_422(app: FastAPI) -> None:
+    """Validation errors are 400 here, so the schema must not promise FastAPI's 422."""
+    build = app.openapi
+
+    def openapi():
+        if app.openapi_schema is None:
+            schema = build()
+            for path in schema.get("paths", {}).values():
+                for operation in path.values():
+                    operation.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+        return app.openapi_schema
+    app.openapi = openapi
 
 
 def _as_response(result):

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 
 from pagoda.sampling_params import MAX_N, RequestOutputKind, SamplingParams
 
@@ -16,7 +16,20 @@ MAX_TOKENS_LIMIT = 1 << 20  # schema bound; the real bound is the model's contex
 MAX_TOP_LOGPROBS = 20
 _SEED_MIN, _SEED_MAX = -(1 << 63), (1 << 63) - 1
 
-# Strict ints/bools: "5" or 1.5 where an integer belongs is a client bug, reported as 400.
+
+def _json_int(value):
+    """JSON Schema's integer: 3 and 3.0 yes; "3", 3.5 and true no (pydantic's lax int would
+    take "3" and true; its strict int would refuse 3.0)."""
+    if isinstance(value, (bool, str)):
+        raise ValueError("must be an integer")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError("must be an integer")
+        return int(value)
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_json_int)]
 StopType = Optional[Union[str, list[str]]]
 
 
@@ -34,22 +47,22 @@ class SamplingFields(OpenAIModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model: Optional[str] = Field(None, max_length=1024)
-    n: StrictInt = Field(1, ge=1, le=MAX_N)
+    n: Int = Field(1, ge=1, le=MAX_N)
     stream: StrictBool = False
     stream_options: Optional[StreamOptions] = None
     temperature: Optional[float] = Field(None, ge=0.0, le=100.0)
     top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
-    top_k: Optional[StrictInt] = Field(None, ge=-1, le=1 << 20)
+    top_k: Optional[Int] = Field(None, ge=-1, le=1 << 20)
     min_p: Optional[float] = Field(None, ge=0.0, le=1.0)
     presence_penalty: Optional[float] = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: Optional[float] = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: Optional[float] = Field(None, gt=0.0, le=2.0)
-    seed: Optional[StrictInt] = Field(None, ge=_SEED_MIN, le=_SEED_MAX)
+    seed: Optional[Int] = Field(None, ge=_SEED_MIN, le=_SEED_MAX)
     stop: StopType = None
-    stop_token_ids: Optional[list[StrictInt]] = Field(None, max_length=1024)
+    stop_token_ids: Optional[list[Int]] = Field(None, max_length=1024)
     logit_bias: Optional[dict[str, float]] = Field(None, max_length=1024)
     ignore_eos: StrictBool = False
-    min_tokens: StrictInt = Field(0, ge=0, le=MAX_TOKENS_LIMIT)
+    min_tokens: Int = Field(0, ge=0, le=MAX_TOKENS_LIMIT)
     skip_special_tokens: StrictBool = True
     spaces_between_special_tokens: StrictBool = True
     include_stop_str_in_output: StrictBool = False
@@ -83,15 +96,15 @@ class SamplingFields(OpenAIModel):
             else RequestOutputKind.FINAL_ONLY)
 
 
-PromptInput = Union[str, list[str], list[StrictInt], list[list[StrictInt]]]
+PromptInput = Union[str, list[str], list[Int], list[list[Int]]]
 
 
 class CompletionRequest(SamplingFields):
     prompt: PromptInput
-    max_tokens: Optional[StrictInt] = Field(16, ge=1, le=MAX_TOKENS_LIMIT)
+    max_tokens: Optional[Int] = Field(16, ge=1, le=MAX_TOKENS_LIMIT)
     echo: StrictBool = False
-    logprobs: Optional[StrictInt] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    best_of: Optional[StrictInt] = Field(None, ge=1, le=MAX_N)
+    logprobs: Optional[Int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    best_of: Optional[Int] = Field(None, ge=1, le=MAX_N)
     suffix: Optional[str] = Field(None, max_length=1 << 16)  # only "" is supported
     add_special_tokens: StrictBool = True
 
@@ -114,10 +127,10 @@ class ChatMessage(OpenAIModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_tokens: Optional[StrictInt] = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
-    max_completion_tokens: Optional[StrictInt] = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    max_tokens: Optional[Int] = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    max_completion_tokens: Optional[Int] = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     logprobs: StrictBool = False
-    top_logprobs: Optional[StrictInt] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: Optional[Int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     add_generation_prompt: StrictBool = True
     continue_final_message: StrictBool = False
 
@@ -132,7 +145,7 @@ class TokenizeRequest(OpenAIModel):
 
 class DetokenizeRequest(OpenAIModel):
     model: Optional[str] = Field(None, max_length=1024)
-    tokens: list[StrictInt]
+    tokens: list[Int]
 
 
 # -- responses ---------------------------------------------------------------------------------
