@@ -19,11 +19,11 @@ stage() {  # stage NAME SECONDS: one process per stage, so each frees the GPU wh
   python -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
 } 2>&1 | tee "$LOG"
 if [ "${SKIP_TESTS:-0}" != "1" ]; then
-  timeout "${TEST_TIMEOUT:-240}" python -m pytest tests/gpu -q -x -p no:cacheprovider 2>&1 \
+  timeout "${TEST_TIMEOUT:-150}" python -m pytest tests/gpu -q -p no:cacheprovider 2>&1 \
     | tee "$OUT/pytest.log" | tail -25
 fi
-stage ceilings 60
-stage llama "${LLAMA_TIMEOUT:-300}"
-stage p4 150
-stage hf "${HF_TIMEOUT:-150}"
+stage ceilings 40
+stage llama "${LLAMA_TIMEOUT:-230}"
+stage p4 "${P4_TIMEOUT:-80}"
+stage hf "${HF_TIMEOUT:-70}"
 stage table 30

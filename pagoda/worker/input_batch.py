@@ -209,6 +209,9 @@ class SamplingMetadataCache:
         self._key: Optional[tuple] = None
         self._md: Optional[SamplingMetadata] = None
 
+    def is_cached(self, md: SamplingMetadata) -> bool:
+        return md is self._md
+
     def get(self, states: list[RequestState]) -> SamplingMetadata:
         key = (self.batch.version, tuple(s.row for s in states))
         if key == self._key and self._md is not None:
