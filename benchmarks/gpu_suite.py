@@ -129,9 +129,19 @@ def stage_llama(out: str) -> dict:
     print("graph GPU ms per decode step:", result.get("graph_gpu_ms"))
     _guarded(result, out, "profile",
              lambda: _profile_decode(llm, os.path.join(out, "profile.txt")))
+    _guarded(result, out, "p1_no_lookahead", lambda: _no_lookahead_latency(llm, ceilings))
     _guarded(result, out, "p1_eager", lambda: _eager_latency(llm, ceilings))
     _guarded(result, out, "p3", lambda: _p3(llm, ceilings))
     return result
+
+
+def _no_lookahead_latency(llm, ceilings) -> dict:
+    runner = _runner(llm)
+    saved, runner.lookahead = runner.lookahead, False
+    try:
+        return _latency(llm, ceilings, SIZES["p1"][0], SIZES["p1"][1] // 2, 1, 1, 2)
+    finally:
+        runner.lookahead = saved
 
 
 def _eager_latency(llm, ceilings) -> dict:
