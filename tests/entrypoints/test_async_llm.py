@@ -1,0 +1,164 @@
+"""AsyncLLM with the in-process core client: output kinds, abort, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from pagoda.config import EngineArgs
+from pagoda.engine.async_llm import AsyncLLM
+from pagoda.engine.core_client import EngineDeadError
+from pagoda.sampling_params import RequestOutputKind, SamplingParams
+
+PROMPT = "Once upon a time"
+
+
+@pytest.fixture(scope="module")
+def engine_args(tiny_model):
+    return EngineArgs(model=tiny_model, max_model_len=256, kv_cache_memory_bytes=16 << 20)
+
+
+def run(engine_args, body):
+    """Runs `body(engine)` on a fresh in-process AsyncLLM inside an event loop."""
+    async def main():
+        engine = AsyncLLM.from_engine_args(engine_args, use_process=False, log_stats=False)
+        try:
+            return await body(engine)
+        finally:
+            engine.shutdown()
+    return asyncio.run(main())
+
+
+def params(kind, **kw):
+    return SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, output_kind=kind,
+                          **kw)
+
+
+async def collect(engine, request_id, sp, prompt=PROMPT):
+    return [out async for out in engine.generate(prompt, sp, request_id)]
+
+
+def test_output_kinds_agree(engine_args):
+    async def body(engine):
+        final = await collect(engine, "f", params(RequestOutputKind.FINAL_ONLY))
+        delta = await collect(engine, "d", params(RequestOutputKind.DELTA))
+        cumulative = await collect(engine, "c", params(RequestOutputKind.CUMULATIVE))
+        return final, delta, cumulative
+
+    final, delta, cumulative = run(engine_args, body)
+    assert len(final) == 1 and final[0].finished
+    full = final[0].outputs[0]
+    assert len(full.token_ids) == 12
+    assert "".join(o.outputs[0].text for o in delta) == full.text
+    assert [t for o in delta for t in o.outputs[0].token_ids] == full.token_ids
+    assert len(delta) > 1 and delta[-1].finished and not delta[0].finished
+    assert cumulative[-1].outputs[0].text == full.text
+    lengths = [len(o.outputs[0].token_ids) for o in cumulative]
+    assert lengths == sorted(lengths) and lengths[-1] == 12
+
+
+def test_n2_delta_fans_in(engine_args):
+    async def body(engine):
+        sp = params(RequestOutputKind.DELTA, n=2, seed=5)
+        sp.temperature = 1.0
+        outs = await collect(engine, "n2", sp)
+        final = await collect(engine, "n2f", SamplingParams(
+            n=2, seed=5, max_tokens=12, ignore_eos=True,
+            output_kind=RequestOutputKind.FINAL_ONLY))
+        return outs, final
+
+    outs, final = run(engine_args, body)
+    texts = {0: "", 1: ""}
+    for out in outs:
+        for comp in out.outputs:
+            texts[comp.index] += comp.text
+    assert texts == {c.index: c.text for c in final[-1].outputs}
+
+
+def _idle(engine) -> bool:
+    stats = engine.last_core_stats
+    return stats is not None and stats.num_running == 0 and stats.num_waiting == 0 \
+        and stats.kv_cache_usage == 0.0
+
+
+async def _wait_idle(engine, timeout=5.0) -> bool:
+    for _ in range(int(timeout / 0.02)):
+        if _idle(engine):
+            return True
+        await asyncio.sleep(0.02)
+    return False
+
+
+def test_cancel_aborts_and_frees_blocks(engine_args):
+    async def body(engine):
+        started = asyncio.Event()
+
+        async def consume():
+            sp = SamplingParams(max_tokens=200, ignore_eos=True,
+                                output_kind=RequestOutputKind.DELTA)
+            async for _ in engine.generate(PROMPT, sp, "long"):
+                started.set()
+
+        task = asyncio.create_task(consume())
+        await asyncio.wait_for(started.wait(), 30)
+        assert engine.last_core_stats.num_running == 1
+        assert engine.last_core_stats.kv_cache_usage > 0
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert "long" not in engine.streams
+        assert await _wait_idle(engine)
+        # the engine still works afterwards
+        return await collect(engine, "after", params(RequestOutputKind.FINAL_ONLY))
+
+    outs = run(engine_args, body)
+    assert outs[-1].finished
+
+
+def test_abort_by_id_and_break(engine_args):
+    async def body(engine):
+        sp = SamplingParams(max_tokens=200, ignore_eos=True,
+                            output_kind=RequestOutputKind.DELTA)
+        stream = engine.add_request("a", PROMPT, sp)
+        await stream.get()
+        await engine.abort("a")
+        assert await _wait_idle(engine)
+        async for _ in engine.generate(PROMPT, sp, "b"):
+            break  # leaving the loop closes the generator, which aborts
+        await asyncio.sleep(0)
+        assert await _wait_idle(engine)
+        return engine.output_processor.parents
+
+    assert run(engine_args, body) == {}
+
+
+def test_bad_input_and_duplicate_ids(engine_args):
+    async def body(engine):
+        with pytest.raises(ValueError):
+            engine.add_request("x", {"prompt_token_ids": [10 ** 6]}, SamplingParams())
+        with pytest.raises(ValueError):
+            engine.add_request("x", "a" * 2000, SamplingParams())  # longer than 256 tokens
+        sp = SamplingParams(max_tokens=50, ignore_eos=True)
+        engine.add_request("dup", PROMPT, sp)
+        with pytest.raises(ValueError):
+            engine.add_request("dup", PROMPT, sp)
+        await engine.abort("dup")
+        return True
+
+    assert run(engine_args, body)
+
+
+def test_core_failure_fails_requests(engine_args):
+    async def body(engine):
+        def boom():
+            raise RuntimeError("simulated core crash")
+        engine.client.loop.core.step = boom
+        with pytest.raises(EngineDeadError):
+            await collect(engine, "doomed", params(RequestOutputKind.DELTA))
+        assert engine.errored
+        with pytest.raises(EngineDeadError):
+            engine.add_request("later", PROMPT, SamplingParams())
+        return True
+
+    assert run(engine_args, body)
