@@ -98,7 +98,8 @@ class SelfAttention(nn.Module):
         self.head_dim = spec.head_dim
         self.num_heads = spec.num_heads // tp
         self.num_kv_heads = max(1, spec.num_kv_heads // tp)
-        self.q_size, self.kv_size = self.num_heads * spec.head_dim, self.num_kv_heads * spec.head_dim
+        self.q_size = self.num_heads * spec.head_dim
+        self.kv_size = self.num_kv_heads * spec.head_dim
         qkv_cls = GroupedQKVLinear if spec.grouped_qkv else QKVParallelLinear
         self.qkv_proj = qkv_cls(spec.hidden_size, spec.head_dim, spec.num_heads,
                                 spec.num_kv_heads, bias=spec.qkv_bias)
