@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from pagoda.entrypoints.openai import api_server
-from tests.entrypoints.conftest import MODEL_NAME, ServerProcess
+from tests.entrypoints.conftest import MODEL_NAME, ServerProcess, metric, metric_values
 
 KEY = "sk-test-pagoda-123"
 
@@ -53,35 +53,45 @@ def test_key_compared_in_constant_time():
     assert "secrets.compare_digest" in inspect.getsource(api_server.GuardMiddleware)
 
 
+def _wait_running(url: str, count: int) -> None:
+    deadline = time.monotonic() + 30
+    while metric(metric_values(url), "pagoda:num_requests_running") < count:
+        assert time.monotonic() < deadline, "requests did not start"
+        time.sleep(0.05)
+
+
 def test_engine_core_death_is_reported(keyed_server):
     url = keyed_server.url
     headers = {"Authorization": f"Bearer {KEY}"}
+    long_body = {"model": MODEL_NAME, "prompt": "hi", "max_tokens": 240, "ignore_eos": True,
+                 "n": 4}
     outcome = {}
 
     def long_request():
         try:
-            outcome["response"] = httpx.post(
-                url + "/v1/completions", headers=headers, timeout=60,
-                json={"model": MODEL_NAME, "prompt": "hi", "max_tokens": 200,
-                      "ignore_eos": True})
+            outcome["response"] = httpx.post(url + "/v1/completions", headers=headers,
+                                             timeout=60, json=long_body)
         except httpx.HTTPError as exc:
             outcome["error"] = exc
 
     thread = threading.Thread(target=long_request)
-    thread.start()
-    time.sleep(1.0)
-    os.kill(keyed_server.core_pid(), signal.SIGKILL)
-    start = time.monotonic()
+    with httpx.stream("POST", url + "/v1/completions", headers=headers, timeout=60,
+                      json={**long_body, "stream": True}) as stream:
+        lines = stream.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))
+        thread.start()
+        _wait_running(url, 8)  # both requests are in the engine (4 samples each)
+        os.kill(keyed_server.core_pid(), signal.SIGKILL)
+        start = time.monotonic()
+        rest = [line for line in lines if line.startswith("data: ")]
+    # The stream ends with an in-band error (its 200 header was sent long ago).
+    assert any('"error"' in line for line in rest) and rest[-1] == "data: [DONE]"
     thread.join(timeout=20)
     assert not thread.is_alive(), "the in-flight request hung after the core died"
     assert time.monotonic() - start < 10
-    if "response" in outcome:
-        assert outcome["response"].status_code >= 500
-        assert outcome["response"].json()["error"]["message"]
-    deadline = time.monotonic() + 10
-    while httpx.get(url + "/health").status_code == 200:
-        assert time.monotonic() < deadline, "/health still says healthy"
-        time.sleep(0.2)
+    assert "response" in outcome, outcome
+    assert outcome["response"].status_code == 503
+    assert "engine" in outcome["response"].json()["error"]["message"]
     assert httpx.get(url + "/health").status_code == 503
     # New requests fail fast with an error, not a hang.
     resp = httpx.post(url + "/v1/completions", headers=headers, timeout=10,
