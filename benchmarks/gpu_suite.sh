@@ -3,12 +3,17 @@
 # of benchmarks/model_configs, the two ceilings and a decode profile, and prints the summary
 # table last. Logs and JSON go under $OUT (7 files). Run from the repo root:
 #   OUT=/tmp/out bash benchmarks/gpu_suite.sh
+# Optional: TESTS (pytest paths), SKIP_TESTS=1, STAGES (subset of: ceilings llama p4 hf).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/pagoda-gpu-suite}"
 mkdir -p "$OUT"
 export PYTHONPATH=. PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 LOG="$OUT/suite.log"
+# The device image lacks msgspec (the engine's messages): install it from carried wheels
+# (run with carry: [".whl"]; .whl/ is git-ignored).
+python -c "import msgspec" 2>/dev/null || python -m pip install -q --no-index --no-deps \
+  .whl/msgspec-*cp312*.whl 2>&1 | tail -2
 stage() {  # stage NAME SECONDS: one process per stage, so each frees the GPU when done
   echo "=== stage $1 ($(date -u +%H:%M:%S)) ===" | tee -a "$LOG"
   timeout "$2" python benchmarks/gpu_suite.py "$1" --out "$OUT" 2>&1 | tee -a "$LOG"
@@ -19,11 +24,10 @@ stage() {  # stage NAME SECONDS: one process per stage, so each frees the GPU wh
   python -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
 } 2>&1 | tee "$LOG"
 if [ "${SKIP_TESTS:-0}" != "1" ]; then
-  timeout "${TEST_TIMEOUT:-150}" python -m pytest tests/gpu -q -p no:cacheprovider 2>&1 \
+  timeout "${TEST_TIMEOUT:-150}" python -m pytest ${TESTS:-tests/gpu} -q -p no:cacheprovider 2>&1 \
     | tee "$OUT/pytest.log" | tail -25
 fi
-stage ceilings 40
-stage llama "${LLAMA_TIMEOUT:-230}"
-stage p4 "${P4_TIMEOUT:-80}"
-stage hf "${HF_TIMEOUT:-70}"
+declare -A LIMIT=([ceilings]=40 [llama]=${LLAMA_TIMEOUT:-230} [p4]=${P4_TIMEOUT:-80}
+                  [hf]=${HF_TIMEOUT:-70})
+for name in ${STAGES:-ceilings llama p4 hf}; do stage "$name" "${LIMIT[$name]}"; done
 stage table 30
