@@ -144,7 +144,9 @@ class MPClient:
         self._zmq = zmq
         self.dead: Optional[EngineDeadError] = None
         self.closed = False
-        self.tmpdir = tempfile.mkdtemp(prefix="pagoda-")
+        # ipc:// paths must fit in a Unix socket address (~107 bytes): a long $TMPDIR won't.
+        base = tempfile.gettempdir() if len(tempfile.gettempdir()) < 60 else "/tmp"
+        self.tmpdir = tempfile.mkdtemp(prefix="pagoda-", dir=base)
         os.chmod(self.tmpdir, 0o700)  # the sockets accept anyone who can reach the path
         in_addr, out_addr = (f"ipc://{self.tmpdir}/{name}" for name in ("in", "out"))
         self.ctx = zmq.Context()

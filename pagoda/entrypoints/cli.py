@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import typing
 from typing import Any, Optional
@@ -132,7 +133,11 @@ def make_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from pagoda.entrypoints.openai.api_server import run_server
-    run_server(args, engine_args_from(args))
+    engine_args = engine_args_from(args)
+    if not (args.model_tag or args.model or args.served_model_name):
+        # The default model is a file deep in site-packages: serve it under a short name.
+        args.served_model_name = [os.path.basename(engine_args.model).split(".")[0]]
+    run_server(args, engine_args)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -165,6 +170,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: "
                         "%(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     parser = make_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

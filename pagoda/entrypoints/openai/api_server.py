@@ -68,19 +68,20 @@ class GuardMiddleware:
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
             return await _send_error(send, 413, f"request body is larger than "
                                                 f"{self.max_body_bytes} bytes")
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
         chunks, size = [], 0
-        if scope["method"] in ("POST", "PUT", "PATCH"):
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return
-                chunks.append(message.get("body", b""))
-                size += len(chunks[-1])
-                if size > self.max_body_bytes:
-                    return await _send_error(send, 413, f"request body is larger than "
-                                                        f"{self.max_body_bytes} bytes")
-                if not message.get("more_body"):
-                    break
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body_bytes:
+                return await _send_error(send, 413, f"request body is larger than "
+                                                    f"{self.max_body_bytes} bytes")
+            if not message.get("more_body"):
+                break
         await self.app(scope, _replay(b"".join(chunks), receive), send)
 
 

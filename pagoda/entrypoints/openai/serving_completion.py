@@ -109,10 +109,12 @@ class ServingCompletion(OpenAIServing):
                 continue
             chosen = entry.get(token_id)
             token_lps.append(safe_logprob(chosen.logprob) if chosen else None)
-            top = {}
-            for tid, lp in top_entries(entry, k + 1):
-                top.setdefault(lp.decoded_token or self.decode_token(tid),
-                               safe_logprob(lp.logprob))
+            # The sampled token plus the top k (as OpenAI and vLLM report them).
+            top = {token: safe_logprob(chosen.logprob)} if chosen else {}
+            for tid, lp in top_entries(entry):
+                if lp.rank is not None and lp.rank <= k:
+                    top.setdefault(lp.decoded_token if lp.decoded_token is not None
+                                   else self.decode_token(tid), safe_logprob(lp.logprob))
             tops.append(top)
         return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
                 "text_offset": offsets}
