@@ -141,18 +141,11 @@ def build_app(engine: AsyncLLM, served_model_names: list[str],
 
     @app.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS)
     async def tokenize(body: TokenizeRequest):
-        return _tokenize(chat, body)
+        return await _tokenize(chat, body)
 
     @app.post("/detokenize", response_model=DetokenizeResponse, responses=_ERRORS)
     async def detokenize(body: DetokenizeRequest):
-        completion.check_model(body.model)
-        tokenizer = completion.require_tokenizer()
-        vocab = engine.model_config.vocab_size
-        bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise OpenAIError(f"token id {bad} is out of the vocabulary (size {vocab})",
-                              param="tokens")
-        return DetokenizeResponse(prompt=tokenizer.decode(body.tokens))
+        return _detokenize(completion, body)
 
     _document_400_not_422(app)
     return app
@@ -180,16 +173,26 @@ def _as_response(result):
     return JSONResponse(result.model_dump())
 
 
-def _tokenize(chat: ServingChat, body: TokenizeRequest) -> TokenizeResponse:
+async def _tokenize(chat: ServingChat, body: TokenizeRequest) -> TokenizeResponse:
     chat.check_model(body.model)
     if (body.prompt is None) == (body.messages is None):
         raise OpenAIError("give exactly one of prompt or messages", param="prompt")
     if body.messages is not None:
-        _, ids = chat.render(body.messages, body.add_generation_prompt)
+        _, ids = await chat.render(body.messages, body.add_generation_prompt)
     else:
-        ids = chat.require_tokenizer().encode(body.prompt,
-                                              add_special_tokens=body.add_special_tokens)
+        ids = await chat.encode(body.prompt, body.add_special_tokens)
     return TokenizeResponse(count=len(ids), max_model_len=chat.max_model_len, tokens=ids)
+
+
+def _detokenize(serving: OpenAIServing, body: DetokenizeRequest) -> DetokenizeResponse:
+    serving.check_model(body.model)
+    tokenizer = serving.require_tokenizer()
+    vocab = serving.engine.model_config.vocab_size
+    bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise OpenAIError(f"token id {bad} is out of the vocabulary (size {vocab})",
+                          param="tokens")
+    return DetokenizeResponse(prompt=tokenizer.decode(body.tokens))
 
 
 def load_chat_template(value: Optional[str]) -> Optional[str]:

@@ -20,6 +20,7 @@ from pagoda.outputs import Logprob, RequestOutput
 logger = logging.getLogger(__name__)
 MIN_LOGPROB = -9999.0  # JSON has no -inf; OpenAI clients expect a number (vLLM does this)
 MAX_PROMPTS_PER_REQUEST = 256
+_THREAD_TOKENIZE_CHARS = 16384
 
 
 class OpenAIServing:
@@ -68,6 +69,15 @@ class OpenAIServing:
                 raise OpenAIError(f"engine is not running: {exc}", 503) from None
             raise OpenAIError(str(exc)) from None
         return streams
+
+    async def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        """Long texts are tokenized in a worker thread (fast tokenizers release the GIL), so
+        one huge prompt does not stall every other stream on the event loop."""
+        tokenizer = self.require_tokenizer()
+        if len(text) < _THREAD_TOKENIZE_CHARS:
+            return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return await asyncio.to_thread(tokenizer.encode, text,
+                                       add_special_tokens=add_special_tokens)
 
     def decode_token(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id]) if self.tokenizer is not None else ""

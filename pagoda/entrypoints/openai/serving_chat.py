@@ -23,8 +23,8 @@ class ServingChat(OpenAIServing):
         super().__init__(engine, served_model_names)
         self.chat_template = chat_template
 
-    def render(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
-               continue_final_message: bool = False) -> tuple[str, list[int]]:
+    async def render(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                     continue_final_message: bool = False) -> tuple[str, list[int]]:
         """Returns (prompt text, token ids). Template failures are the request's fault."""
         tokenizer = self.require_tokenizer()
         conversation = [{"role": m.role, "content": m.text(),
@@ -46,13 +46,13 @@ class ServingChat(OpenAIServing):
         except Exception as exc:  # jinja raises anything; e.g. templates that reject roles
             raise OpenAIError(f"cannot apply the chat template: {exc}",
                               param="messages") from None
-        return text, tokenizer.encode(text, add_special_tokens=False)
+        return text, await self.encode(text, add_special_tokens=False)
 
     async def create(self, body: ChatCompletionRequest, raw: Request):
         model = self.check_model(body.model)
         if body.top_logprobs and not body.logprobs:
             raise OpenAIError("top_logprobs needs logprobs=true", param="top_logprobs")
-        text, ids = self.render(body.messages, body.add_generation_prompt,
+        text, ids = await self.render(body.messages, body.add_generation_prompt,
                                 body.continue_final_message)
         requested = body.max_completion_tokens or body.max_tokens
         max_tokens = self.max_tokens_for(len(ids), requested)

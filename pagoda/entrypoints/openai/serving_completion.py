@@ -26,7 +26,7 @@ class ServingCompletion(OpenAIServing):
         if body.best_of is not None and body.best_of != body.n:
             raise OpenAIError("best_of must equal n (beam-style best_of is not supported)",
                               param="best_of")
-        prompts = self._prompts(body)
+        prompts = await self._prompts(body)
         params = []
         for prompt in prompts:
             max_tokens = self.max_tokens_for(len(prompt["prompt_token_ids"]), body.max_tokens)
@@ -42,7 +42,7 @@ class ServingCompletion(OpenAIServing):
             return SSEResponse(self._stream(streams, ctx), streams)
         return await run_unless_disconnected(raw, self._full(streams, ctx), streams)
 
-    def _prompts(self, body: CompletionRequest) -> list[dict]:
+    async def _prompts(self, body: CompletionRequest) -> list[dict]:
         """Normalizes the four prompt shapes to token ids (+ text when given as text)."""
         prompt = body.prompt
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
@@ -55,8 +55,7 @@ class ServingCompletion(OpenAIServing):
         result = []
         for item in prompt:
             if isinstance(item, str):
-                tokenizer = self.require_tokenizer()
-                ids = tokenizer.encode(item, add_special_tokens=body.add_special_tokens)
+                ids = await self.encode(item, body.add_special_tokens)
                 result.append({"prompt_token_ids": ids, "prompt": item})
             else:
                 result.append({"prompt_token_ids": list(item), "prompt": self._decode(item)})
