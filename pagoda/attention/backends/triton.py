@@ -73,7 +73,9 @@ class TritonBackend:
         if q.shape[0] == 0 or common.num_reqs == 0:
             return out
         if kv_cache is None:  # profiling run: no cache, attend over the new tokens only
-            key, value, block_table, splits = k, v, None, 1
+            # The kernel reads k and v with one set of strides; with q/k norms k is a new
+            # tensor while v is still a view of the fused qkv output.
+            key, value, block_table, splits = k.contiguous(), v.contiguous(), None, 1
         else:
             # Padded tokens carry slot -1 and are skipped by the kernel, so the whole
             # (possibly CUDA-graph padded) batch is passed without slicing on the host.
