@@ -24,10 +24,16 @@ def _llm(path, **kwargs):
     return LLM(path, device="cuda", **kwargs)
 
 
-def _free(llm) -> None:
-    del llm
-    gc.collect()
-    torch.cuda.empty_cache()
+def _with_llm(path, fn, **kwargs):
+    """fn(llm) with a fresh engine that is freed (KV cache and all) before returning, so the
+    next engine's memory profile sees a free GPU."""
+    llm = _llm(path, **kwargs)
+    try:
+        return fn(llm)
+    finally:
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def _generate(llm, prompts, max_tokens, logprobs=None, **params):
@@ -53,9 +59,8 @@ def test_greedy_fp32_matches_transformers(tiny_llama_gpu_path):
     from transformers import AutoModelForCausalLM
     prompts = make_prompts(384, lengths=(1, 5, 17, 40, 90, 130))
     steps = 24
-    llm = _llm(tiny_llama_gpu_path, dtype="float32")
-    outs = _generate(llm, prompts, steps, logprobs=0)
-    _free(llm)
+    outs = _with_llm(tiny_llama_gpu_path, lambda llm: _generate(llm, prompts, steps, logprobs=0),
+                     dtype="float32")
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama_gpu_path, dtype=torch.float32)
     hf = hf.to("cuda").eval()
     ties = 0
@@ -81,14 +86,15 @@ def test_cuda_graphs_on_off_identical_bf16(tiny_llama_gpu_path):
     uniform = make_prompts(384, lengths=(7,) * 8, seed=1)
     # Ragged batch: prompts and output lengths differ, so decode batches get padded.
     ragged = make_prompts(384, lengths=(1, 9, 33, 70, 120), seed=2)
+    def run(llm):
+        assert bool(llm.engine.core.executor.worker.runner.graphs.graphs) is (not eager)
+        return (_generate(llm, uniform, 32),
+                _generate(llm, ragged, [10 + 9 * i for i in range(5)], logprobs=5))
+
     results = {}
     for eager in (True, False):
-        llm = _llm(tiny_llama_gpu_path, dtype="bfloat16", enforce_eager=eager)
-        runner = llm.engine.core.executor.worker.runner
-        assert bool(runner.graphs.graphs) is (not eager)
-        results[eager] = (_generate(llm, uniform, 32),
-                          _generate(llm, ragged, [10 + 9 * i for i in range(5)], logprobs=5))
-        _free(llm)
+        results[eager] = _with_llm(tiny_llama_gpu_path, run, dtype="bfloat16",
+                                   enforce_eager=eager)
     (u_eager, r_eager), (u_graph, r_graph) = results[True], results[False]
     assert [o.token_ids for o in u_eager] == [o.token_ids for o in u_graph]
     diverged = 0
@@ -104,13 +110,15 @@ def test_cuda_graphs_on_off_identical_bf16(tiny_llama_gpu_path):
 
 
 def test_seeded_sampling_reproducible(tiny_llama_gpu_path):
-    llm = _llm(tiny_llama_gpu_path, dtype="bfloat16")
     prompts = make_prompts(384, lengths=(4, 30, 60), seed=3)
     options = dict(temperature=0.8, top_k=40, top_p=0.9, min_p=0.01, seed=1234)
-    first = [o.token_ids for o in _generate(llm, prompts, 30, **options)]
-    second = [o.token_ids for o in _generate(llm, prompts, 30, **options)]
-    unseeded = [o.token_ids for o in _generate(llm, prompts, 30, temperature=1.0)]
-    _free(llm)
+
+    def run(llm):
+        return ([list(o.token_ids) for o in _generate(llm, prompts, 30, **options)],
+                [list(o.token_ids) for o in _generate(llm, prompts, 30, **options)],
+                [list(o.token_ids) for o in _generate(llm, prompts, 30, temperature=1.0)])
+
+    first, second, unseeded = _with_llm(tiny_llama_gpu_path, run, dtype="bfloat16")
     assert first == second
     assert all(len(t) == 30 and all(0 <= x < 384 for x in t) for t in first + unseeded)
 
@@ -119,13 +127,15 @@ def test_kv_cache_sized_by_gpu_memory_utilization(tiny_llama_gpu_path):
     free, total = torch.cuda.mem_get_info()
     used_before = total - free
     target = min(0.3, (free / total) * 0.8)
-    llm = _llm(tiny_llama_gpu_path, dtype="bfloat16", gpu_memory_utilization=target)
-    free_after, _ = torch.cuda.mem_get_info()
-    used = total - free_after
-    config = llm.engine.config
-    kv_bytes = config.cache_config.num_blocks * llm.engine.core.executor.worker.runner \
-        .kv_bytes_per_block()
-    _free(llm)
+
+    def run(llm):
+        free_after, _ = torch.cuda.mem_get_info()
+        runner = llm.engine.core.executor.worker.runner
+        return (total - free_after,
+                llm.engine.config.cache_config.num_blocks * runner.kv_bytes_per_block())
+
+    used, kv_bytes = _with_llm(tiny_llama_gpu_path, run, dtype="bfloat16",
+                               gpu_memory_utilization=target)
     # Everything in use (this process and others) ends near target * total.
     assert used <= target * total + (1 << 30), (used / 2**30, target * total / 2**30)
     assert kv_bytes >= 0.7 * (target * total - used_before - (1 << 30))
