@@ -18,7 +18,7 @@ from pagoda.engine.output_processor import OutputProcessor
 from pagoda.engine.tokenizer import get_tokenizer
 from pagoda.metrics.loggers import LoggingStatLogger, PrometheusStatLogger
 from pagoda.metrics.stats import IterationStats, RequestStatsTracker
-from pagoda.outputs import RequestOutput
+from pagoda.outputs import CompletionOutput, RequestOutput
 from pagoda.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -28,14 +28,16 @@ __all__ = ["AsyncLLM", "EngineDeadError", "RequestStream"]
 
 class RequestStream:
     """The outputs of one request, in order; iterate it with `async for`. Ends after the
-    finished output; raises EngineDeadError if the core dies first."""
+    finished output (finish_reason "abort" when aborted); raises EngineDeadError if the core
+    dies first."""
 
     def __init__(self, engine: "AsyncLLM", request_id: str, kind: RequestOutputKind):
         self.engine = engine
         self.request_id = request_id
         self.kind = kind
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.finished = False
+        self.closed = False  # the engine has let go of the request (finished or aborted)
+        self.done = False  # the reader has seen the last item
 
     def put(self, item) -> None:
         self.queue.put_nowait(item)
@@ -47,22 +49,21 @@ class RequestStream:
                 item, BaseException) and not item.finished and not self.queue.empty():
             item = self.queue.get_nowait()
         if isinstance(item, BaseException):
-            self.finished = True
+            self.done = True
             raise item
-        self.finished = item.finished
+        self.done = item.finished
         return item
 
     def __aiter__(self):
         return self
 
     async def __anext__(self) -> RequestOutput:
-        if self.finished:
+        if self.done:
             raise StopAsyncIteration
         return await self.get()
 
     def abort(self) -> None:
-        if not self.finished:
-            self.finished = True
+        if not self.closed:
             self.engine.abort_now([self.request_id])
 
 
@@ -137,18 +138,38 @@ class AsyncLLM:
         self.abort_now([request_id])
 
     def abort_now(self, request_ids: list[str]) -> None:
+        """Aborts in the core (freeing KV blocks) and ends each stream with a final output
+        whose unfinished samples say "abort", so a reader waiting on it wakes up."""
         it = IterationStats()
         core_ids = []
         for request_id in request_ids:
             core_ids += self.output_processor.core_ids_of(request_id)
             stream = self.streams.pop(request_id, None)
             if stream is not None:
-                stream.finished = True
+                stream.closed = True
+                final = self._aborted_output(request_id, stream.kind)
+                if final is not None:
+                    stream.put(final)
         to_abort = self.output_processor.abort(request_ids)
         for core_id in core_ids:
             self.request_stats.finish(core_id, "abort", it)
         self.prometheus.record(None, it)
         self.client.abort_requests(to_abort)
+
+    def _aborted_output(self, request_id: str, kind: RequestOutputKind
+                        ) -> Optional[RequestOutput]:
+        parent = self.output_processor.parents.get(request_id)
+        if parent is None:
+            return None
+        delta = kind == RequestOutputKind.DELTA
+        completions = [CompletionOutput(
+            c.index, "" if delta else c.text, [] if delta else list(c.token_ids),
+            c.cumulative_logprob, None if delta or c.logprobs is None else list(c.logprobs),
+            c.finish_reason or "abort", c.stop_reason)
+            for _, c in sorted(parent.children.items())]
+        return RequestOutput(request_id, parent.prompt, parent.prompt_token_ids,
+                             parent.prompt_logprobs, completions, True,
+                             parent.num_cached_tokens, parent.metrics)
 
     # -- the output loop --------------------------------------------------------------------
     def _start_tasks(self) -> None:
@@ -183,6 +204,7 @@ class AsyncLLM:
                 continue
             if output.finished:
                 del self.streams[output.request_id]
+                stream.closed = True
             stream.put(output)
         if batch.stats is not None:
             self.last_core_stats = batch.stats
@@ -192,6 +214,7 @@ class AsyncLLM:
     def _fail_all(self, exc: EngineDeadError) -> None:
         self.dead_error = exc
         for stream in self.streams.values():
+            stream.closed = True
             stream.put(exc)
         self.streams.clear()
 

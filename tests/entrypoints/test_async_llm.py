@@ -133,6 +133,29 @@ def test_abort_by_id_and_break(engine_args):
     assert run(engine_args, body) == {}
 
 
+def test_abort_wakes_a_waiting_reader(engine_args):
+    async def body(engine):
+        sp = SamplingParams(max_tokens=200, ignore_eos=True,
+                            output_kind=RequestOutputKind.CUMULATIVE)
+        seen = []
+
+        async def read():
+            async for out in engine.generate(PROMPT, sp, "r"):
+                seen.append(out)
+
+        reader = asyncio.create_task(read())
+        while not seen:
+            await asyncio.sleep(0.01)
+        await engine.abort("r")
+        await asyncio.wait_for(reader, 5)  # ends instead of waiting forever
+        assert await _wait_idle(engine)
+        return seen
+
+    seen = run(engine_args, body)
+    assert seen[-1].finished and seen[-1].outputs[0].finish_reason == "abort"
+    assert len(seen[-1].outputs[0].token_ids) >= len(seen[0].outputs[0].token_ids)
+
+
 def test_bad_input_and_duplicate_ids(engine_args):
     async def body(engine):
         with pytest.raises(ValueError):
