@@ -19,7 +19,8 @@ stage() {  # stage NAME SECONDS: one process per stage, so each frees the GPU wh
   timeout "$2" python benchmarks/gpu_suite.py "$1" --out "$OUT" 2>&1 | tee -a "$LOG"
   echo "=== stage $1 rc=$? ===" | tee -a "$LOG"
 }
-{ git rev-parse HEAD 2>/dev/null; git status --short 2>/dev/null | head -20
+{ echo "commit: ${SUITE_COMMIT:-$(git rev-parse HEAD 2>/dev/null)} (the device copy has no history:"
+  echo "  pass SUITE_COMMIT=\$(git rev-parse --short HEAD) from the calling side)"; date -u
   nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv 2>/dev/null
   python -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
 } 2>&1 | tee "$LOG"
