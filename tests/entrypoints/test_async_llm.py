@@ -185,3 +185,21 @@ def test_core_failure_fails_requests(engine_args):
         return True
 
     assert run(engine_args, body)
+
+
+def test_periodic_log_line_while_busy(engine_args, caplog):
+    async def main():
+        engine = AsyncLLM.from_engine_args(engine_args, use_process=False, log_interval=0.2)
+        try:
+            sp = SamplingParams(max_tokens=120, ignore_eos=True,
+                                output_kind=RequestOutputKind.FINAL_ONLY)
+            with caplog.at_level("INFO", logger="pagoda.metrics"):
+                await collect(engine, "busy", sp)
+                await asyncio.sleep(0.5)
+        finally:
+            engine.shutdown()
+
+    asyncio.run(main())
+    lines = [r.getMessage() for r in caplog.records if r.name == "pagoda.metrics"]
+    assert any("generation throughput" in line and "KV cache usage" in line
+               for line in lines)
