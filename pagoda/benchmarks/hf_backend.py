@@ -12,6 +12,7 @@ successful batches' wall times. Counted output tokens are each request's own out
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from typing import Any, Optional
 import torch
 
 from pagoda.benchmarks.datasets import SampleRequest
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -36,8 +39,17 @@ class HFRunResult:
 
 def load_hf_model(model_path: str, hf_config: Any, dtype: torch.dtype,
                   device: torch.device, dummy: bool):
-    """Real weights from a folder, or random weights of the config's shape (dummy)."""
+    """Real weights from a folder or a GGUF file, or random weights of the config's shape
+    (dummy, or a folder without weights)."""
     from transformers import AutoModelForCausalLM
+    if not dummy and model_path.endswith(".gguf"):
+        folder, name = os.path.split(model_path)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+            return model.to(device).eval()
+        except (ImportError, ValueError) as exc:  # transformers needs accelerate for GGUF
+            logger.warning("hf backend: cannot load %s (%s); random weights of the same "
+                           "shape instead (the timing is the same)", model_path, exc)
     has_weights = any(f.endswith((".safetensors", ".bin")) for f in os.listdir(model_path)) \
         if os.path.isdir(model_path) else False
     if dummy or not has_weights:
