@@ -70,3 +70,14 @@ def test_bench_is_dispatched():
         pytest.skip("pagoda.benchmarks is not available")
     assert {"latency", "throughput", "serve"} <= set(
         bench._subparsers._group_actions[0].choices)
+
+
+def test_chat_template_flag(tmp_path):
+    from pagoda.entrypoints.openai.api_server import load_chat_template
+    path = tmp_path / "t.jinja"
+    path.write_text("{{ messages[0]['content'] }}")
+    assert load_chat_template(str(path)) == "{{ messages[0]['content'] }}"
+    assert load_chat_template("{{ x }}") == "{{ x }}"
+    assert load_chat_template(None) is None
+    with pytest.raises(ValueError):
+        load_chat_template("no-such-file.jinja")

@@ -78,7 +78,7 @@ def _assert_aborted_quickly(server, sock: socket.socket, before: dict) -> None:
     values = _wait_idle(server, timeout=5)
     assert metric(values, "pagoda:num_requests_running") == 0
     assert metric(values, "pagoda:kv_cache_usage_perc") == 0.0
-    assert time.monotonic() - closed < 2.0  # "within a second", plus scrape overhead
+    assert time.monotonic() - closed < 2.5  # "within a second", plus scrape overhead
     assert metric(values, "pagoda:request_success_total", finished_reason="abort") > metric(
         before, "pagoda:request_success_total", finished_reason="abort")
 
