@@ -140,3 +140,14 @@ def test_openai_errors(client):
         client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, n=0)
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=MODEL_NAME, prompt="word " * 400, max_tokens=2)
+
+
+def test_echo_with_logprobs(client):
+    resp = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=3,
+                                     temperature=0, echo=True, logprobs=1,
+                                     extra_body={"ignore_eos": True})
+    lp = resp.choices[0].logprobs
+    assert len(lp.tokens) == resp.usage.prompt_tokens + 3
+    assert lp.token_logprobs[0] is None  # nothing predicts the first prompt token
+    assert all(v is not None for v in lp.token_logprobs[1:])
+    assert "".join(lp.tokens).startswith(PROMPT[:5])
