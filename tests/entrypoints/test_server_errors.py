@@ -35,6 +35,8 @@ BAD_COMPLETIONS = [
     json.dumps({"prompt": "x", "stream_options": {"include_usage": "yes"}}).encode(),
     b'{"prompt": "x", "temperature": NaN}',
     json.dumps({"max_tokens": 3}).encode(),
+    json.dumps({"prompt": ["a"] * 300}).encode(),
+    json.dumps({"prompt": ["a"] * 100, "n": 20}).encode(),
 ]
 BAD_CHAT = [
     json.dumps({"messages": []}).encode(),

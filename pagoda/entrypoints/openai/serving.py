@@ -20,6 +20,7 @@ from pagoda.outputs import Logprob, RequestOutput
 logger = logging.getLogger(__name__)
 MIN_LOGPROB = -9999.0  # JSON has no -inf; OpenAI clients expect a number (vLLM does this)
 MAX_PROMPTS_PER_REQUEST = 256
+MAX_SEQUENCES_PER_REQUEST = 1024  # prompts x n: one request must not fill the engine
 _THREAD_TOKENIZE_CHARS = 16384
 
 

@@ -11,7 +11,8 @@ from pagoda.entrypoints.openai.errors import OpenAIError
 from pagoda.entrypoints.openai.protocol import (CompletionChoice, CompletionRequest,
                                                 CompletionResponse, UsageInfo,
                                                 random_id)
-from pagoda.entrypoints.openai.serving import (MAX_PROMPTS_PER_REQUEST, OpenAIServing,
+from pagoda.entrypoints.openai.serving import (MAX_PROMPTS_PER_REQUEST,
+                                               MAX_SEQUENCES_PER_REQUEST, OpenAIServing,
                                                SSEResponse, final_outputs, merge_streams,
                                                run_unless_disconnected, safe_logprob, sse,
                                                sse_error, top_entries, usage_of)
@@ -52,6 +53,9 @@ class ServingCompletion(OpenAIServing):
         if len(prompt) > MAX_PROMPTS_PER_REQUEST:
             raise OpenAIError(f"at most {MAX_PROMPTS_PER_REQUEST} prompts per request",
                               param="prompt")
+        if len(prompt) * body.n > MAX_SEQUENCES_PER_REQUEST:
+            raise OpenAIError(f"prompts x n must be at most {MAX_SEQUENCES_PER_REQUEST}",
+                              param="n")
         result = []
         for item in prompt:
             if isinstance(item, str):
