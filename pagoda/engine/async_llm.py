@@ -7,6 +7,7 @@ reads core outputs, turns them into RequestOutputs and routes them to per-reques
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from typing import AsyncGenerator, Optional
 
@@ -96,6 +97,9 @@ class AsyncLLM:
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs, use_process: bool = True,
                          **kwargs) -> "AsyncLLM":
+        if engine_args.model is None:  # as LLM(): no model named means the default one
+            from pagoda.model_loader.default_model import default_model_path
+            engine_args = dataclasses.replace(engine_args, model=default_model_path())
         return cls(engine_args.create_engine_config(), engine_args, use_process, **kwargs)
 
     # -- requests ---------------------------------------------------------------------------
