@@ -125,7 +125,7 @@ async def merge_streams(streams: list[RequestStream]
         try:
             async for output in stream:
                 await queue.put((i, output))
-        except BaseException as exc:
+        except Exception as exc:  # e.g. EngineDeadError: the reader re-raises it
             await queue.put((i, exc))
             return
         await queue.put((i, None))
@@ -137,7 +137,7 @@ async def merge_streams(streams: list[RequestStream]
             i, item = await queue.get()
             if item is None:
                 remaining -= 1
-            elif isinstance(item, BaseException):
+            elif isinstance(item, Exception):
                 raise item
             else:
                 yield i, item
