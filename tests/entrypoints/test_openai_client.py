@@ -151,3 +151,16 @@ def test_echo_with_logprobs(client):
     assert lp.token_logprobs[0] is None  # nothing predicts the first prompt token
     assert all(v is not None for v in lp.token_logprobs[1:])
     assert "".join(lp.tokens).startswith(PROMPT[:5])
+
+
+def test_batch_of_prompts_streamed_and_not(client):
+    kwargs = dict(model=MODEL_NAME, prompt=[PROMPT, [5, 6, 7]], max_tokens=5, temperature=0,
+                  extra_body={"ignore_eos": True})
+    full = client.completions.create(**kwargs)
+    assert sorted(c.index for c in full.choices) == [0, 1]
+    texts = {0: "", 1: ""}
+    for chunk in client.completions.create(stream=True, **kwargs):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    assert texts == {c.index: c.text for c in full.choices}
+    assert full.usage.completion_tokens == 10
