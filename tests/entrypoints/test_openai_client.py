@@ -154,7 +154,7 @@ def test_echo_with_logprobs(client):
 
 
 def test_batch_of_prompts_streamed_and_not(client):
-    kwargs = dict(model=MODEL_NAME, prompt=[PROMPT, [5, 6, 7]], max_tokens=5, temperature=0,
+    kwargs = dict(model=MODEL_NAME, prompt=[PROMPT, "Hello world"], max_tokens=5, temperature=0,
                   extra_body={"ignore_eos": True})
     full = client.completions.create(**kwargs)
     assert sorted(c.index for c in full.choices) == [0, 1]
