@@ -34,6 +34,8 @@ BAD_COMPLETIONS = [
     json.dumps({"prompt": "x", "suffix": "tail"}).encode(),
     json.dumps({"prompt": "x", "stream_options": {"include_usage": "yes"}}).encode(),
     b'{"prompt": "x", "temperature": NaN}',
+    json.dumps({"prompt": "x", "temperature": "0.5"}).encode(),
+    json.dumps({"prompt": "x", "top_p": True}).encode(),
     json.dumps({"max_tokens": 3}).encode(),
     json.dumps({"prompt": ["a"] * 300}).encode(),
     json.dumps({"prompt": ["a"] * 100, "n": 20}).encode(),

@@ -29,7 +29,14 @@ def _json_int(value):
     return value
 
 
+def _json_number(value):
+    if isinstance(value, (bool, str)):  # "0.5" and true are client bugs, not numbers
+        raise ValueError("must be a number")
+    return value
+
+
 Int = Annotated[int, BeforeValidator(_json_int)]
+Float = Annotated[float, BeforeValidator(_json_number)]
 StopType = Optional[Union[str, list[str]]]
 
 
@@ -50,17 +57,17 @@ class SamplingFields(OpenAIModel):
     n: Int = Field(1, ge=1, le=MAX_N)
     stream: StrictBool = False
     stream_options: Optional[StreamOptions] = None
-    temperature: Optional[float] = Field(None, ge=0.0, le=100.0)
-    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
+    temperature: Optional[Float] = Field(None, ge=0.0, le=100.0)
+    top_p: Optional[Float] = Field(None, gt=0.0, le=1.0)
     top_k: Optional[Int] = Field(None, ge=-1, le=1 << 20)
-    min_p: Optional[float] = Field(None, ge=0.0, le=1.0)
-    presence_penalty: Optional[float] = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: Optional[float] = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: Optional[float] = Field(None, gt=0.0, le=2.0)
+    min_p: Optional[Float] = Field(None, ge=0.0, le=1.0)
+    presence_penalty: Optional[Float] = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: Optional[Float] = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: Optional[Float] = Field(None, gt=0.0, le=2.0)
     seed: Optional[Int] = Field(None, ge=_SEED_MIN, le=_SEED_MAX)
     stop: StopType = None
     stop_token_ids: Optional[list[Int]] = Field(None, max_length=1024)
-    logit_bias: Optional[dict[str, float]] = Field(None, max_length=1024)
+    logit_bias: Optional[dict[str, Float]] = Field(None, max_length=1024)
     ignore_eos: StrictBool = False
     min_tokens: Int = Field(0, ge=0, le=MAX_TOKENS_LIMIT)
     skip_special_tokens: StrictBool = True
