@@ -3,14 +3,21 @@ with -m "not gpu"; benchmarks/gpu_suite.sh runs them on the H200)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
+if not torch.cuda.is_available():  # the CPU emulation test runs Triton's interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def pytest_collection_modifyitems(config, items):
+    """Every test here is a GPU test, except the CPU emulation ones (test_cpu_*)."""
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if "tests/gpu/" not in str(item.fspath).replace("\\", "/"):
+        path = str(item.fspath).replace("\\", "/")
+        if "tests/gpu/" not in path or item.name.startswith("test_cpu_"):
             continue
         item.add_marker(pytest.mark.gpu)
         if not torch.cuda.is_available():

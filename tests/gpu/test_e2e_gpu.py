@@ -1,18 +1,25 @@
 """End to end on the GPU: greedy tokens of a tiny float32 model identical to `transformers`;
 CUDA graphs on and off give identical outputs (bf16); seeded sampling through the Triton
-sampler is reproducible; the KV cache is sized from gpu_memory_utilization."""
+sampler is reproducible; the KV cache is sized from gpu_memory_utilization.
+
+One test (`test_cpu_padded_decode_and_lookahead`) runs on the CPU in CI: it drives the padded
+CUDA-graph inputs and the decode lookahead through the Triton attention backend under the
+interpreter, with graph replay swapped for an eager call on the same persistent buffers."""
 
 from __future__ import annotations
 
 import gc
+import os
 
 import pytest
 import torch
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-
 from tests.models.harness import NEAR_TIE, make_prompts  # noqa: E402
+
+
+def gpu(fn):
+    fn = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")(fn)
+    return pytest.mark.gpu(fn)
 
 GPU_LOGPROB_TOL = 1e-3  # fp32 on the GPU: Triton / cuBLAS reduction orders differ from HF's
 
@@ -55,6 +62,7 @@ def _hf_greedy(model, prompt, steps):
     return out.sequences[0, len(prompt):].tolist(), logprobs
 
 
+@gpu
 def test_greedy_fp32_matches_transformers(tiny_llama_gpu_path):
     from transformers import AutoModelForCausalLM
     prompts = make_prompts(384, lengths=(1, 5, 17, 40, 90, 130))
@@ -80,6 +88,7 @@ def test_greedy_fp32_matches_transformers(tiny_llama_gpu_path):
     assert ties <= 1
 
 
+@gpu
 def test_cuda_graphs_on_off_identical_bf16(tiny_llama_gpu_path):
     # Uniform batch: every decode step runs 8 sequences, exactly a captured size, so the
     # graph and eager runs launch the same kernels on the same shapes: bitwise identical.
@@ -109,6 +118,7 @@ def test_cuda_graphs_on_off_identical_bf16(tiny_llama_gpu_path):
     assert diverged <= 1
 
 
+@gpu
 def test_seeded_sampling_reproducible(tiny_llama_gpu_path):
     prompts = make_prompts(384, lengths=(4, 30, 60), seed=3)
     options = dict(temperature=0.8, top_k=40, top_p=0.9, min_p=0.01, seed=1234)
@@ -123,6 +133,7 @@ def test_seeded_sampling_reproducible(tiny_llama_gpu_path):
     assert all(len(t) == 30 and all(0 <= x < 384 for x in t) for t in first + unseeded)
 
 
+@gpu
 def test_kv_cache_sized_by_gpu_memory_utilization(tiny_llama_gpu_path):
     free, total = torch.cuda.mem_get_info()
     used_before = total - free
@@ -139,3 +150,39 @@ def test_kv_cache_sized_by_gpu_memory_utilization(tiny_llama_gpu_path):
     # Everything in use (this process and others) ends near target * total.
     assert used <= target * total + (1 << 30), (used / 2**30, target * total / 2**30)
     assert kv_bytes >= 0.7 * (target * total - used_before - (1 << 30))
+
+
+def _fake_graphs(runner, lookahead: bool) -> None:
+    """CPU stand-in for capture: 'replaying' size s runs the model eagerly on the first s
+    entries of the persistent buffers, exactly the inputs a captured graph would read."""
+    graphs = runner.graphs
+    graphs.sizes = [1, 2, 4, 8, 16]
+    graphs.graphs = {size: None for size in graphs.sizes}
+    runner.buffers.set_dummy_decode(graphs.sizes[-1])
+    graphs.replay = runner._graph_forward
+    runner.lookahead = lookahead
+
+
+def test_cpu_padded_decode_and_lookahead(tiny_llama_path, monkeypatch):
+    pytest.importorskip("triton")
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU emulation through Triton's interpreter only")
+    from pagoda import LLM
+    from pagoda.worker import model_runner
+    monkeypatch.setenv("PAGODA_ATTENTION_BACKEND", "triton")
+    prompts = make_prompts(384, lengths=(3, 17, 40, 5, 9))
+    lens = [12, 20, 7, 15, 3]
+    hits = []
+    finish = model_runner.ModelRunner._finish_lookahead
+    monkeypatch.setattr(model_runner.ModelRunner, "_finish_lookahead",
+                        lambda self, p: hits.append(1) or finish(self, p))
+    results = []
+    for emulate in (False, True):
+        llm = LLM(tiny_llama_path, device="cpu", dtype="float32", max_model_len=256,
+                  max_num_seqs=16)
+        if emulate:
+            _fake_graphs(llm.engine.core.executor.worker.runner, lookahead=True)
+        results.append([list(o.token_ids) for o in _generate(llm, prompts, lens)])
+        del llm
+    assert results[0] == results[1]
+    assert len(hits) > 10  # most decode steps were served by the lookahead
