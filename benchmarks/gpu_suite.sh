@@ -25,10 +25,10 @@ stage() {  # stage NAME SECONDS: one process per stage, so each frees the GPU wh
   python -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
 } 2>&1 | tee "$LOG"
 if [ "${SKIP_TESTS:-0}" != "1" ]; then
-  timeout "${TEST_TIMEOUT:-150}" python -m pytest ${TESTS:-tests/gpu} -q -p no:cacheprovider 2>&1 \
+  timeout "${TEST_TIMEOUT:-220}" python -m pytest ${TESTS:-tests/gpu} -q -p no:cacheprovider 2>&1 \
     | tee "$OUT/pytest.log" | tail -25
 fi
-declare -A LIMIT=([ceilings]=40 [llama]=${LLAMA_TIMEOUT:-230} [p4]=${P4_TIMEOUT:-80}
-                  [hf]=${HF_TIMEOUT:-70})
+declare -A LIMIT=([ceilings]=30 [llama]=${LLAMA_TIMEOUT:-180} [p4]=${P4_TIMEOUT:-60}
+                  [hf]=${HF_TIMEOUT:-60})
 for name in ${STAGES:-ceilings llama p4 hf}; do stage "$name" "${LIMIT[$name]}"; done
-stage table 30
+stage table 20
