@@ -4,8 +4,6 @@ import argparse
 import subprocess
 import sys
 
-import pytest
-
 from pagoda.benchmarks import cli
 
 ENGINE_FLAGS = ["--model", "--dtype", "--load-format", "--max-model-len", "--max-num-seqs",
@@ -29,6 +27,10 @@ def test_subcommands_and_engine_flags():
     assert args.goodput == ["ttft:200", "tpot:50"] and args.max_concurrency == 8
     args = parser.parse_args(["sweep", "--request-rates", "1,2,inf"])
     assert args.bench_command == "sweep"
+    for name in ("latency", "throughput"):
+        text = cli.add_bench_subparsers(argparse.ArgumentParser().add_subparsers())[
+            name].format_help()
+        assert all(flag in text for flag in ENGINE_FLAGS)
 
 
 def test_add_bench_subparsers_into_another_parser():
