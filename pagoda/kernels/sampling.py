@@ -51,17 +51,23 @@ def _greedy(base, V, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _search(base, V, inv_temp, m, lo, hi, target, USE_MASS: tl.constexpr,
+def _load_scaled(src, start, n, scale, BLOCK: tl.constexpr):
+    cols = start + tl.arange(0, BLOCK)
+    return tl.load(src + cols, mask=cols < n, other=float("-inf")) * scale
+
+
+@triton.jit
+def _search(src, n, scale, m, lo, hi, target, USE_MASS: tl.constexpr,
             NT: tl.constexpr, ROUNDS: tl.constexpr, BLOCK: tl.constexpr):
-    """Largest threshold t in [lo, hi) with f(t) >= target, where f(t) counts the tokens with
-    l >= t (or sums their exp(l - m) when USE_MASS). lo must satisfy it, hi must not."""
+    """Largest threshold t in [lo, hi) with f(t) >= target, where f(t) counts the values of
+    src[:n] * scale with value >= t (or sums their exp(value - m) when USE_MASS). lo must
+    satisfy it, hi must not; if lo does not, lo comes back unchanged."""
     j = tl.arange(0, NT)
     for _ in range(ROUNDS):
         t = lo + (hi - lo) * (j + 1).to(tl.float32) / NT
         acc = tl.zeros([BLOCK, NT], tl.float32)
-        for start in range(0, V, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            x = tl.load(base + cols, mask=cols < V, other=float("-inf")) * inv_temp
+        for start in range(0, n, BLOCK):
+            x = _load_scaled(src, start, n, scale, BLOCK)
             keep = x[:, None] >= t[None, :]
             if USE_MASS:
                 acc += tl.where(keep, tl.exp(x - m)[:, None], 0.0)
@@ -74,9 +80,43 @@ def _search(base, V, inv_temp, m, lo, hi, target, USE_MASS: tl.constexpr,
 
 
 @triton.jit
+def _vec_kth(x, k, lo, hi, NT: tl.constexpr, ROUNDS: tl.constexpr):
+    """Lower bound (within resolution) of the k-th largest value of a register vector."""
+    j = tl.arange(0, NT)
+    for _ in range(ROUNDS):
+        t = lo + (hi - lo) * (j + 1).to(tl.float32) / NT
+        ok = tl.sum((x[:, None] >= t[None, :]).to(tl.float32), 0) >= k
+        lo = tl.maximum(lo, tl.max(tl.where(ok, t, float("-inf")), 0))
+        hi = tl.minimum(hi, tl.min(tl.where(ok, float("inf"), t), 0))
+    return lo
+
+
+@triton.jit
+def _mass_above(src, n, scale, m, t, BLOCK: tl.constexpr):
+    acc = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, n, BLOCK):
+        x = _load_scaled(src, start, n, scale, BLOCK)
+        acc += tl.where(x >= t, tl.exp(x - m), 0.0)
+    return tl.sum(acc, 0)
+
+
+@triton.jit
+def _compact(src, n, scale, t, buf, cap, BLOCK: tl.constexpr):
+    """Copy the scaled values >= t into buf[:cap] (in order); returns how many there are."""
+    count = 0
+    for start in range(0, n, BLOCK):
+        x = _load_scaled(src, start, n, scale, BLOCK)
+        sel = x >= t
+        pos = count + tl.cumsum(sel.to(tl.int32), 0) - 1
+        tl.store(buf + pos, x, mask=sel & (pos < cap))
+        count += tl.sum(sel.to(tl.int32), 0)
+    return count
+
+
+@triton.jit
 def _sample_kernel(
-    logits_ptr, q_ptr, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, out_ptr,
-    V, stride_l, stride_q, greedy_eps,
+    logits_ptr, q_ptr, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, out_ptr, buf_ptr,
+    V, stride_l, stride_q, greedy_eps, cap,
     NT: tl.constexpr, ROUNDS: tl.constexpr, BLOCK: tl.constexpr, SEARCH_BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -86,37 +126,55 @@ def _sample_kernel(
         tl.store(out_ptr + row, _greedy(base, V, BLOCK).to(tl.int64))
         return
     inv_temp = 1.0 / temp
-    # Pass 1: max and smallest finite value (-inf entries are banned tokens: never kept).
+    # Pass 1: per-lane max and smallest finite value (-inf entries are banned: never kept).
     mx = tl.full([BLOCK], float("-inf"), tl.float32)
     mn = tl.full([BLOCK], float("inf"), tl.float32)
     for start in range(0, V, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        x = tl.load(base + cols, mask=cols < V, other=float("-inf")) * inv_temp
+        x = _load_scaled(base, start, V, inv_temp, BLOCK)
         mx = tl.maximum(mx, x)
         mn = tl.minimum(mn, tl.where(x > float("-inf"), x, float("inf")))
     m = tl.max(mx, 0)
-    lo = tl.min(mn, 0)
     hi = m + 1.0  # nothing reaches it, so it fails every search
-
+    cut = tl.min(mn, 0)  # the kept set is {l >= cut}
     min_p = tl.load(min_p_ptr + row).to(tl.float32)
     if min_p > 0:
-        lo = tl.maximum(lo, m + tl.log(min_p))
+        cut = tl.maximum(cut, m + tl.log(min_p))
     k = tl.load(top_k_ptr + row).to(tl.int64)
-    if (k > 0) & (k < V):
-        # If lo (the min_p cut) already keeps fewer than k, the search leaves it in place,
-        # which is right: top-k over min_p's survivors keeps them all.
-        lo = _search(base, V, inv_temp, m, lo, hi, k.to(tl.float32), False, NT, ROUNDS,
-                     SEARCH_BLOCK)
     top_p = tl.load(top_p_ptr + row).to(tl.float32)
-    if top_p < 1.0:
-        kept = tl.zeros([BLOCK], tl.float32)
-        for start in range(0, V, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            x = tl.load(base + cols, mask=cols < V, other=float("-inf")) * inv_temp
-            kept += tl.where(x >= lo, tl.exp(x - m), 0.0)
-        lo = _search(base, V, inv_temp, m, lo, hi, top_p * tl.sum(kept, 0), True, NT, ROUNDS,
-                     SEARCH_BLOCK)
-    lo = tl.minimum(lo, m)  # the most likely token always survives
+    use_k = (k > 0) & (k < V)
+    use_p = top_p < 1.0
+    if use_k | use_p:
+        # A floor under the final cut, so the searches can run on the few values above it,
+        # compacted into buf, instead of on the whole row. Top-k: the k-th largest of the
+        # per-lane maxima (a subset of the row). Top-p alone: values with
+        # exp(l - m) < (1 - top_p) * z / V carry under 1 - top_p of the mass all together.
+        floor = cut
+        z = 0.0
+        if use_k:
+            if k <= BLOCK:
+                floor = tl.maximum(floor, _vec_kth(mx, k.to(tl.float32), cut, hi, NT, ROUNDS))
+        else:
+            z = _mass_above(base, V, inv_temp, m, cut, BLOCK)
+            floor = tl.maximum(floor, m + tl.log((1.0 - top_p) * z / V))
+        buf = buf_ptr + row * cap
+        n_kept = _compact(base, V, inv_temp, floor, buf, cap, BLOCK)
+        src = base
+        n = V
+        scale = inv_temp
+        if n_kept <= cap:  # else: too many candidates, search the whole row
+            src = buf
+            n = n_kept
+            scale = 1.0
+        if use_k:
+            # If cut (min_p) already keeps fewer than k, the search leaves it in place, which
+            # is right: top-k over min_p's survivors keeps them all.
+            cut = _search(src, n, scale, m, floor, hi, k.to(tl.float32), False, NT, ROUNDS,
+                          SEARCH_BLOCK)
+            z = _mass_above(src, n, scale, m, cut, SEARCH_BLOCK)
+        if use_p:
+            cut = _search(src, n, scale, m, tl.maximum(cut, floor), hi, top_p * z, True, NT,
+                          ROUNDS, SEARCH_BLOCK)
+    cut = tl.minimum(cut, m)  # the most likely token always survives
 
     # Final pass: Gumbel-max over the kept tokens.
     best = tl.full([BLOCK], float("-inf"), tl.float32)
@@ -126,7 +184,7 @@ def _sample_kernel(
         cmask = cols < V
         x = tl.load(base + cols, mask=cmask, other=float("-inf")) * inv_temp
         q = tl.load(q_ptr + row * stride_q + cols, mask=cmask, other=1.0)
-        score = tl.where(x >= lo, (x - m) - tl.log(q), float("-inf"))
+        score = tl.where(x >= cut, (x - m) - tl.log(q), float("-inf"))
         take = score > best
         best_idx = tl.where(take, cols, best_idx)
         best = tl.where(take, score, best)
@@ -135,18 +193,20 @@ def _sample_kernel(
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
            top_p: torch.Tensor, min_p: torch.Tensor, q: torch.Tensor,
-           block: int = 1024) -> torch.Tensor:
+           block: int = 1024, cap: int = 4096) -> torch.Tensor:
     """logits fp32 [B, V]; temperature/top_p/min_p float [B]; top_k int [B] (<= 0 or >= V:
-    off); q [B, V] positive exponential noise. Returns int64 [B] token ids."""
+    off); q [B, V] positive exponential noise. Returns int64 [B] token ids. `cap`: candidates
+    per row kept in scratch for the threshold searches (more fall back to whole-row passes)."""
     num_rows, vocab = logits.shape
     assert logits.stride(-1) == 1 and q.stride(-1) == 1
     out = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
     if num_rows == 0:
         return out
+    buf = torch.empty(num_rows, cap, dtype=torch.float32, device=logits.device)
     block = min(block, triton.next_power_of_2(vocab))
     _sample_kernel[(num_rows,)](
-        logits, q, temperature, top_k, top_p, min_p, out,
-        vocab, logits.stride(0), q.stride(0), _GREEDY_EPS,
+        logits, q, temperature, top_k, top_p, min_p, out, buf,
+        vocab, logits.stride(0), q.stride(0), _GREEDY_EPS, cap,
         NT=8, ROUNDS=9, BLOCK=block, SEARCH_BLOCK=max(block // 2, 16), num_warps=8,
     )
     return out

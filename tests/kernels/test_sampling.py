@@ -51,16 +51,19 @@ ROWS = [  # temperature, top_k, top_p, min_p
     (2.0, 1, 1.0, 0.0),     # top-k 1 == greedy on logits
     (1.0, 400, 0.5, 0.0),   # top-k larger than the vocabulary: off
     (0.5, 3, 0.999, 0.3),   # min_p leaves fewer than k
+    (1.0, 100, 0.95, 0.0),  # k above the lane count: no floor from the lane maxima
+    (0.3, 0, 0.6, 0.0),     # sharp top-p alone
 ]
 
 
 @pytest.mark.parametrize("trial", range(3))
-def test_sample_matches_reference(trial):
+@pytest.mark.parametrize("cap", [4096, 8])  # candidates compacted, or too many: whole row
+def test_sample_matches_reference(trial, cap):
     v = 300
     temp, top_k, top_p, min_p = params(ROWS)
     logits = torch.randn(len(ROWS), v) * 3
     q = torch.empty(len(ROWS), v).exponential_()
-    got = sample(logits, temp, top_k, top_p, min_p, q, block=64)
+    got = sample(logits, temp, top_k, top_p, min_p, q, block=64, cap=cap)
     want = ref_sample(logits, temp, top_k, top_p, min_p, q)
     assert torch.equal(got, want), (got, want)
 
