@@ -147,7 +147,10 @@ def _padded(rows: list[np.ndarray], pad: int, device: torch.device) -> torch.Ten
     out = np.full((len(rows), width), pad, dtype=np.int64)
     for i, r in enumerate(rows):
         out[i, :len(r)] = r
-    return torch.from_numpy(out).to(device)
+    host = torch.from_numpy(out)
+    if device.type == "cuda":  # pinned + asynchronous: no host-device sync
+        return host.pin_memory().to(device, non_blocking=True)
+    return host
 
 
 def build_sampling_metadata(states: list[RequestState], batch: InputBatch, vocab_size: int,
@@ -190,12 +193,13 @@ def _add_penalties(md: SamplingMetadata, states: list[RequestState], batch: Inpu
                                   vocab_size, device)
     md.prompt_token_ids = _padded([t[:s.num_prompt_tokens] for t, s in zip(tokens, states)],
                                   vocab_size, device)
-    md.repetition_penalty = torch.tensor([p.repetition_penalty for p in params],
-                                         device=device) if has_rep else None
-    md.frequency_penalty = torch.tensor([p.frequency_penalty for p in params],
-                                        device=device) if has_freq else None
-    md.presence_penalty = torch.tensor([p.presence_penalty for p in params],
-                                       device=device) if has_pres else None
+    f32 = torch.float32
+    md.repetition_penalty = _to_device([p.repetition_penalty for p in params], f32,
+                                       device) if has_rep else None
+    md.frequency_penalty = _to_device([p.frequency_penalty for p in params], f32,
+                                      device) if has_freq else None
+    md.presence_penalty = _to_device([p.presence_penalty for p in params], f32,
+                                     device) if has_pres else None
     if md.presence_penalty is None:  # apply_penalties gates on these two
         md.presence_penalty = torch.zeros(len(states), device=device)
 

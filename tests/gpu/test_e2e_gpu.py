@@ -152,6 +152,31 @@ def test_kv_cache_sized_by_gpu_memory_utilization(tiny_llama_gpu_path):
     assert kv_bytes >= 0.7 * (target * total - used_before - (1 << 30))
 
 
+@gpu
+def test_steps_make_no_synchronizing_calls(tiny_llama_gpu_path):
+    """After a warm-up, a generate (prefill and CUDA-graph decode steps, greedy and
+    temperature sampling) makes no synchronizing call that torch's sync debug mode sees: the
+    sampled ids come back through a pinned copy and an event wait, the one sync per step."""
+    import warnings
+    prompts = make_prompts(384, lengths=(5, 20, 33), seed=4)
+
+    def run(llm):
+        _generate(llm, prompts, 8)
+        _generate(llm, prompts, 8, temperature=0.7)
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                _generate(llm, prompts, 40)
+                _generate(llm, prompts, 40, temperature=0.7)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+
+    syncs = _with_llm(tiny_llama_gpu_path, run, dtype="bfloat16")
+    assert not syncs, syncs[:5]
+
+
 def _fake_graphs(runner, lookahead: bool) -> None:
     """CPU stand-in for capture: 'replaying' size s runs the model eagerly on the first s
     entries of the persistent buffers, exactly the inputs a captured graph would read."""
