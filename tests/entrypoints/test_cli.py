@@ -61,6 +61,7 @@ def test_interactive_clients(server, mode, capsys):
 def test_quick_mode(server, capsys):
     assert cli.main(["complete", "--url", server.url + "/v1", "--quick", "Hi",
                      "--max-tokens", "2"]) == 0
+    assert cli.main(["chat", "--url", server.url, "--quick", "Hi", "--max-tokens", "2"]) == 0
 
 
 def test_bench_is_dispatched():

@@ -79,7 +79,10 @@ def _ask(client: httpx.Client, args: Namespace, model: str, history: list,
 
 def run_client(args: Namespace, stdin=None) -> None:
     stdin = stdin or sys.stdin
-    with httpx.Client(base_url=args.url.rstrip("/"), headers=_headers(args),
+    base = args.url.rstrip("/")
+    if not base.endswith("/v1"):  # accept the server's root as well as its /v1 (vLLM's form)
+        base += "/v1"
+    with httpx.Client(base_url=base, headers=_headers(args),
                       timeout=httpx.Timeout(600.0, connect=10.0)) as client:
         model = _model(client, args)
         history: list = []
