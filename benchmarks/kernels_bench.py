@@ -3,6 +3,14 @@ report achieved bandwidth against the measured device-to-device copy rate (bytes
 bytes written), or TFLOP/s for compute-bound attention prefill.
 
     PYTHONPATH=. python benchmarks/kernels_bench.py
+
+Measured on one H200 (torch 2.11, triton 3.6), 2026-11-29, CUDA-graph replay medians; copy
+ceiling 4247 GB/s (1 GiB device-to-device copy, eager). Decode H=32/8 D=128 block 16:
+B=256 x 4096 keys 1194 us (3604 GB/s, 85%); B=256 x 1024 330 us (77%); B=64 x 2048 137 us
+(93%, 2-stage tiles; 198 us with 3); B=1 x 32768 62 us with 32 splits (51%; 1177 us
+unsplit), 48 us with 128-key tiles. Prefill 4096 tokens: 171-174 TFLOP/s with 128-row tiles
+(145 with 64). rms_norm 87%, fused add+norm 90%, silu_and_mul 97%, rotary ~100% of copy.
+Sampler (before candidate compaction): greedy B=256 34 us, plain 122 us, top-k+top-p 3.4 ms.
 """
 
 from __future__ import annotations
