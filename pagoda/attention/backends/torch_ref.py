@@ -38,15 +38,15 @@ def attend(layer: AttentionLayerSpec, q: torch.Tensor, keys: torch.Tensor,
     scores = torch.einsum("qhd,khd->hqk", q.float(), keys) * layer.scale
     if layer.logits_soft_cap:
         scores = layer.logits_soft_cap * torch.tanh(scores / layer.logits_soft_cap)
-    q_pos = torch.arange(context_len, context_len + n).unsqueeze(1)
-    k_pos = torch.arange(seq_len).unsqueeze(0)
+    q_pos = torch.arange(context_len, context_len + n, device=scores.device).unsqueeze(1)
+    k_pos = torch.arange(seq_len, device=scores.device).unsqueeze(0)
     if layer.alibi_slopes is not None:
         rel = (k_pos - q_pos).float()
-        scores = scores + layer.alibi_slopes.float().cpu().view(-1, 1, 1).to(scores.device) * rel
+        scores = scores + layer.alibi_slopes.float().view(-1, 1, 1).to(scores.device) * rel
     allowed = k_pos <= q_pos
     if layer.sliding_window:
         allowed = allowed & (q_pos - k_pos < layer.sliding_window)
-    scores = scores.masked_fill(~allowed.to(scores.device), float("-inf"))
+    scores = scores.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return torch.einsum("hqk,khd->qhd", probs, values)
 
