@@ -15,13 +15,13 @@ def cuda_available() -> bool:
 
 
 def resolve_device(requested: str) -> torch.device:
-    if requested == "cuda":
-        if not cuda_available():
-            raise ValueError("device: 'cuda' was asked for but no CUDA device is visible")
-        return torch.device("cuda", torch.cuda.current_device())
+    """Never initialises CUDA (the API-server process resolves the config too; only the
+    engine-core process should hold a CUDA context)."""
+    if requested == "cuda" and not cuda_available():
+        raise ValueError("device: 'cuda' was asked for but no CUDA device is visible")
     if requested == "cpu" or not cuda_available():
         return torch.device("cpu")
-    return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cuda", 0)
 
 
 def default_attention_backend(device: torch.device) -> str:

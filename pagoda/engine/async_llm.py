@@ -12,7 +12,8 @@ import logging
 from typing import AsyncGenerator, Optional
 
 from pagoda.config import EngineArgs, EngineConfig
-from pagoda.engine.core_client import EngineDeadError, InprocClient, MPClient, fan_out
+from pagoda.engine.core_client import EngineDeadError, InprocClient, MPClient
+from pagoda.engine.parallel_sampling import fan_out
 from pagoda.engine.input_processor import InputProcessor, PromptType
 from pagoda.engine.messages import EngineCoreOutputs
 from pagoda.engine.output_processor import OutputProcessor

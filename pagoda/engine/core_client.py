@@ -35,22 +35,6 @@ class EngineDeadError(RuntimeError):
     """The engine core is gone; every in-flight and future request fails with this."""
 
 
-def fan_out(req: EngineCoreRequest, prompt_text: Optional[str],
-            output_processor) -> list[EngineCoreRequest]:
-    """Registers a validated request with the output processor and returns the core requests
-    to send: `n > 1` runs as n child requests (see llm_engine.child_requests)."""
-    from pagoda.engine.llm_engine import child_requests
-    if req.request_id in output_processor.parents:
-        raise ValueError(f"request id {req.request_id!r} is already in use")
-    core_reqs = []
-    for core_id, index, child_params in child_requests(req.request_id, req.sampling_params):
-        output_processor.add_request(req.request_id, core_id, index, prompt_text,
-                                     req.prompt_token_ids, child_params, req.arrival_time)
-        core_reqs.append(msgspec.structs.replace(req, request_id=core_id,
-                                                 sampling_params=child_params))
-    return core_reqs
-
-
 class InprocClient:
     """The core loop in a daemon thread; outputs come back through an asyncio queue."""
 

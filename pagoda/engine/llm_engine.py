@@ -5,32 +5,15 @@ from __future__ import annotations
 
 from typing import Optional
 
-import msgspec
-
 from pagoda.config import EngineArgs, EngineConfig
 from pagoda.engine.engine_core import EngineCore
 from pagoda.engine.input_processor import InputProcessor, PromptType
 from pagoda.engine.messages import EngineCoreRequest
+from pagoda.engine.parallel_sampling import fan_out
 from pagoda.engine.output_processor import OutputProcessor
 from pagoda.engine.tokenizer import get_tokenizer
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams
-
-
-def child_requests(request_id: str, params: SamplingParams) -> list[tuple[str, int,
-                                                                          SamplingParams]]:
-    """`n > 1` runs as n core requests; they share the prompt's KV blocks through the
-    prefix cache. A seed s gives sample i the seed s + i, so samples differ."""
-    if params.n == 1:
-        return [(request_id, 0, params)]
-    children = []
-    for index in range(params.n):
-        child = params.clone()
-        child.n = 1
-        if params.seed is not None:
-            child.seed = params.seed + index
-        children.append((f"{index}_{request_id}", index, child))
-    return children
 
 
 class LLMEngine:
@@ -51,15 +34,8 @@ class LLMEngine:
 
     def submit(self, req: EngineCoreRequest, prompt_text: Optional[str]) -> None:
         """Queues an already validated request (fanned out into n samples)."""
-        if req.request_id in self.output_processor.parents:
-            raise ValueError(f"request id {req.request_id!r} is already in use")
-        for core_id, index, child_params in child_requests(req.request_id,
-                                                           req.sampling_params):
-            self.output_processor.add_request(req.request_id, core_id, index, prompt_text,
-                                              req.prompt_token_ids, child_params,
-                                              req.arrival_time)
-            self.core.add_request(msgspec.structs.replace(
-                req, request_id=core_id, sampling_params=child_params))
+        for core_req in fan_out(req, prompt_text, self.output_processor):
+            self.core.add_request(core_req)
 
     def abort_request(self, request_ids: list[str]) -> None:
         self.core.abort_requests(self.output_processor.abort(request_ids))
