@@ -3,10 +3,11 @@
 optional gated shared expert (Qwen2-MoE), and `fused_moe`, the one place the expert compute
 happens.
 
-`fused_moe` runs the PyTorch path (a loop over the experts the batch routes to) everywhere
-today. The hook for the GPU: when `pagoda/kernels/moe.py` provides `fused_moe` with the same
-signature, CUDA tensors go to it (vLLM's grouped-GEMM Triton kernel is the model), tested
-against `torch_moe`."""
+`fused_moe` runs `torch_moe` (a loop over the experts the batch routes to) on the CPU and
+`dense_moe` (graph-capturable, but every expert on every token) on CUDA today. The hook for
+the GPU: when `pagoda/kernels/moe.py` provides `fused_moe` with the same signature, CUDA
+tensors go to it (vLLM's grouped-GEMM Triton kernel is the model), tested against
+`torch_moe`."""
 
 from __future__ import annotations
 
@@ -51,11 +52,27 @@ def torch_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     return out
 
 
+def dense_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, act_fn: nn.Module) -> torch.Tensor:
+    """Every expert on every token, weighted by zero where not routed: E / top_k times the
+    work of `torch_moe`, but static shapes and no host sync, so CUDA graphs can capture it.
+    The GPU stopgap until the Triton kernel exists."""
+    gates = torch.zeros(x.shape[0], w13.shape[0], dtype=x.dtype, device=x.device)
+    gates.scatter_add_(1, topk_ids, topk_weights.to(x.dtype))
+    out = torch.zeros_like(x)
+    for expert in range(w13.shape[0]):
+        hidden = act_fn(F.linear(x, w13[expert]))
+        out += F.linear(hidden, w2[expert]) * gates[:, expert, None]
+    return out
+
+
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, act_fn: nn.Module) -> torch.Tensor:
-    if _HAS_TRITON_MOE and x.is_cuda and platform.use_triton_kernels(x.device):
-        from pagoda.kernels.moe import fused_moe as triton_fused_moe
-        return triton_fused_moe(x, w13, w2, topk_weights, topk_ids, act_fn)
+    if x.is_cuda:
+        if _HAS_TRITON_MOE and platform.use_triton_kernels(x.device):
+            from pagoda.kernels.moe import fused_moe as triton_fused_moe
+            return triton_fused_moe(x, w13, w2, topk_weights, topk_ids, act_fn)
+        return dense_moe(x, w13, w2, topk_weights, topk_ids, act_fn)
     return torch_moe(x, w13, w2, topk_weights, topk_ids, act_fn)
 
 

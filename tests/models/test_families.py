@@ -130,3 +130,15 @@ def test_greedy_matches_transformers(checkpoints, family, setting):
         assert scheduler.num_preemptions > 0, "the small pool should have forced preemption"
     if setting == "default":
         assert scheduler.kv.pool.num_hits > 0, "shared prefixes should hit the prefix cache"
+
+
+def test_dense_moe_matches_torch_moe():
+    """The graph-capturable GPU stopgap computes what the CPU's routed loop does."""
+    from pagoda.layers.activation import SiluAndMul
+    from pagoda.layers.moe import dense_moe, route, torch_moe
+    gen = torch.Generator().manual_seed(0)
+    x, w13 = torch.randn(11, 16, generator=gen), torch.randn(5, 24, 16, generator=gen)
+    w2, logits = torch.randn(5, 16, 12, generator=gen), torch.randn(11, 5, generator=gen)
+    weights, ids = route(logits, 2, renormalize=False)
+    torch.testing.assert_close(dense_moe(x, w13, w2, weights, ids, SiluAndMul()),
+                               torch_moe(x, w13, w2, weights, ids, SiluAndMul()))
