@@ -15,7 +15,8 @@ from __future__ import annotations
 import bisect
 import logging
 import time
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -93,6 +94,16 @@ class StepBuffers:
         self.block_table[:n, :width].copy_(stage_dev.view(n, width))
         return self.block_table[:length]
 
+    def set_block_entries(self, rows: np.ndarray, cols: np.ndarray, values: np.ndarray) -> None:
+        """block_table[rows[i], cols[i]] = values[i] on the device, asynchronously (a fresh
+        pinned staging tensor, so no shared host buffer is involved)."""
+        if not self.on_cuda:
+            self.block_table.numpy()[rows, cols] = values
+            return
+        packed = torch.from_numpy(np.stack([rows, cols, values]).astype(np.int64))
+        packed = packed.pin_memory().to(self.device, non_blocking=True)
+        self.block_table[packed[0], packed[1]] = packed[2].to(torch.int32)
+
     def set_dummy_decode(self, size: int) -> None:
         """Device buffers for a harmless decode batch of `size` (graph warm-up and capture):
         one token per sequence at position 0, no cache slot written, block 0 read."""
@@ -138,3 +149,139 @@ class CudaGraphRunner:
     def replay(self, size: int) -> torch.Tensor:
         self.graphs[size].replay()
         return self.outputs[size]
+
+
+def wait_host(host: torch.Tensor, event: Optional[torch.cuda.Event]) -> np.ndarray:
+    """Waits for a device-to-host copy (its event) and returns the values."""
+    if event is not None:
+        event.synchronize()
+    return host.numpy().copy()
+
+
+# -- decode lookahead ------------------------------------------------------------------------
+# After a decode step's sampling is launched, the next decode step of the same requests is
+# launched too (its input ids copied on the device from this step's samples) before the host
+# reads the samples back. While the host then updates the scheduler and builds outputs, the
+# GPU already runs step N+1. If the scheduler's next step is that one, or that one minus
+# requests that finished (kept as dead rows: no KV write, output dropped), its result is just
+# read back and the step after is launched the same way. A request whose next token opens a
+# new KV block (not allocated yet) writes that token's KV into its own scratch block (past the
+# scheduler's blocks); once the scheduler has allocated the real block, the KV is copied there.
+# Anything else (new requests, chunked prompts, ...) drops the lookahead. A dropped lookahead
+# only wrote next-token KV into a block its request owned alone (partly filled, so never
+# shared through the prefix cache) or into scratch, and draws no seeded randomness (only
+# steps without seeds, logprobs or penalties look ahead): it changes nothing observable.
+@dataclass
+class Lookahead:
+    req_ids: list[str]  # the layout: entry i is row i of the padded graph batch
+    rows: np.ndarray  # InputBatch row of each entry
+    live: np.ndarray  # bool: entries that are still requests
+    positions: np.ndarray  # position of each entry's input token
+    num_blocks: np.ndarray  # blocks each entry held at launch
+    scratch: np.ndarray  # bool: entries whose token's KV went to their scratch block
+    size: int
+    md: Any
+    sampled: torch.Tensor  # device: the next lookahead's input ids
+    host: torch.Tensor
+    event: Optional[torch.cuda.Event]
+
+
+class DecodeLookahead:
+    """Launches and redeems lookahead steps for a ModelRunner (`runner`)."""
+
+    def __init__(self, runner: Any, num_scratch: int):
+        self.r = runner
+        self.num_scratch = num_scratch  # scratch blocks sit after the scheduler's blocks
+        self.pending: Optional[Lookahead] = None
+
+    def launch(self, req_ids: list[str], rows: np.ndarray, live: np.ndarray,
+               positions: np.ndarray, size: int, md: Any, input_ids: torch.Tensor) -> None:
+        r, buf, bs = self.r, self.r.buffers, self.r.block_size
+        batch, n = r.batch, len(req_ids)
+        num_blocks = batch.num_blocks[rows]
+        blocks = positions // bs
+        cross = live & (blocks >= num_blocks)
+        if (not live.any() or (live & (blocks > num_blocks)).any()
+                or (live & (positions >= r.max_model_len)).any()
+                or (cross.any() and (r.kv_all is None or n > self.num_scratch))):
+            return
+        buf.wait_host_free()
+        first_scratch = r.num_kv_blocks
+        idx = np.arange(n)
+        table_blocks = batch.block_table[rows, np.minimum(blocks, batch.max_blocks - 1)]
+        slots = np.where(cross, first_scratch + idx, table_blocks).astype(np.int64) * bs
+        slots = np.where(live, slots + positions % bs, -1)
+        buf.fill("positions", np.where(live, positions, 0), size)
+        buf.fill("slot_mapping", slots, size, pad=-1)
+        buf.fill("seq_lens", np.where(live, positions + 1, 1).astype(np.int32), size)
+        if cross.any():  # attention must read the scratch block at that position
+            c = np.flatnonzero(cross)
+            buf.set_block_entries(c, blocks[c], first_scratch + c)
+        buf.mark_uploaded()
+        # query_start_loc and the rest of the block table on the device are still right.
+        buf.dev["input_ids"][:n].copy_(input_ids)
+        hidden = r.graphs.replay(size)
+        out = r.sample_logits(r.model.compute_logits(hidden[:n]), md)
+        host, event = r.copy_to_host(out.sampled)
+        self.pending = Lookahead(req_ids, rows, live.copy(), positions, num_blocks.copy(), cross,
+                                 size, md, out.sampled, host, event)
+
+    def take(self, sched: Any):
+        """The pending lookahead's result if `sched` is that step (or a subset of it), else
+        None (and the lookahead is dropped)."""
+        p, self.pending = self.pending, None
+        if p is None:
+            return None
+        keep = self._match(p, sched)
+        if keep is None:
+            return None
+        return self._finish(p, keep)
+
+    def _match(self, p: Lookahead, sched: Any) -> Optional[np.ndarray]:
+        scheduled = list(sched.num_scheduled_tokens)
+        if (sched.scheduled_new_reqs or not scheduled
+                or sched.total_num_scheduled_tokens != len(scheduled)
+                or 2 * len(scheduled) < len(p.req_ids)):  # mostly dead: re-layout instead
+            return None
+        keep = np.zeros(len(p.req_ids), dtype=bool)
+        j = 0
+        for i in np.flatnonzero(p.live).tolist():  # scheduled must be a subsequence
+            if j < len(scheduled) and p.req_ids[i] == scheduled[j]:
+                keep[i] = True
+                j += 1
+        if j != len(scheduled):
+            return None
+        batch = self.r.batch
+        rows = p.rows[keep]
+        expected = (p.num_blocks + p.scratch)[keep]  # a crossing request got one new block
+        if not (np.array_equal(batch.num_computed[rows], p.positions[keep])
+                and np.array_equal(batch.num_blocks[rows], expected)):
+            return None
+        return keep
+
+    def _finish(self, p: Lookahead, keep: np.ndarray):
+        from pagoda.core.sched_output import ModelRunnerOutput
+        r, bs = self.r, self.r.block_size
+        moved = np.flatnonzero(p.scratch & keep)
+        if len(moved):  # the scheduler has allocated the real blocks now: move the KV there
+            cols = p.positions[moved] // bs
+            real = r.batch.block_table[p.rows[moved], cols]
+            r.buffers.set_block_entries(moved, cols, real)
+            _copy_slot0(r.kv_all, r.num_kv_blocks + moved, real, r.device)
+        self.launch(p.req_ids, p.rows, keep, p.positions + 1, p.size, p.md, p.sampled)
+        tokens = wait_host(p.host, p.event)[keep]  # the step's one host sync
+        r.batch.append_sampled(p.rows[keep], tokens)
+        req_ids = [p.req_ids[i] for i in np.flatnonzero(keep).tolist()]
+        return ModelRunnerOutput(req_ids, [[t] for t in tokens.tolist()],
+                                 [None] * len(req_ids), {})
+
+
+def _copy_slot0(kv_all: torch.Tensor, src: np.ndarray, dst: np.ndarray,
+                device: torch.device) -> None:
+    """kv_all [layers, 2, blocks, block_size, heads, dim]: slot 0 of blocks src -> dst."""
+    src_t = torch.from_numpy(src.astype(np.int64))
+    dst_t = torch.from_numpy(dst.astype(np.int64))
+    if device.type == "cuda":
+        src_t = src_t.pin_memory().to(device, non_blocking=True)
+        dst_t = dst_t.pin_memory().to(device, non_blocking=True)
+    kv_all[:, :, dst_t, 0] = kv_all[:, :, src_t, 0]

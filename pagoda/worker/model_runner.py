@@ -22,7 +22,8 @@ from pagoda.forward_context import set_forward_context
 from pagoda.layers.attention import Attention
 from pagoda.layers.sampler import Sampler, SamplingMetadata, gather_logprobs
 from pagoda.model_loader.loader import get_model
-from pagoda.worker.cuda_graphs import CudaGraphRunner, StepBuffers, capture_sizes
+from pagoda.worker.cuda_graphs import (CudaGraphRunner, DecodeLookahead, StepBuffers,
+                                       capture_sizes, wait_host)
 from pagoda.worker.input_batch import (InputBatch, RequestState, SamplingMetadataCache,
                                        sample)
 
@@ -39,21 +40,6 @@ class StepInputs:
     logits_indices: Optional[torch.Tensor]  # None: hidden[:n] are the sampling rows
     prompt_lp_spans: list[tuple[int, int, int, int]]  # (req idx, first tok, count, position)
     positions_np: np.ndarray  # host copy of the positions
-
-
-@dataclass
-class _Lookahead:
-    """A decode step launched before the scheduler asked for it (see _launch_lookahead)."""
-
-    req_ids: list[str]
-    rows: np.ndarray
-    positions: np.ndarray  # position of each request's input token in that step
-    num_blocks: np.ndarray  # blocks each request held when it was launched
-    size: int
-    md: SamplingMetadata
-    sampled: torch.Tensor  # on the device: the next lookahead's input ids
-    host: torch.Tensor  # where the sampled ids land on the host
-    event: Optional[torch.cuda.Event]
 
 
 class ModelRunner:
@@ -78,9 +64,13 @@ class ModelRunner:
                                    max(sched.max_num_seqs, sizes[-1]), self.batch.max_blocks,
                                    self.device)
         self.md_cache = SamplingMetadataCache(self.batch, self.vocab_size, self.device)
-        # Decode lookahead: launch step N+1 while the host finishes step N (CUDA graphs only).
-        self.lookahead = self.use_graphs and os.environ.get("PAGODA_LOOKAHEAD", "1") == "1"
-        self._pending: Optional[_Lookahead] = None
+        # Decode lookahead: launch step N+1 while the host finishes step N (CUDA graphs;
+        # PAGODA_LOOKAHEAD=0 turns it off, =force keeps it for CPU emulation tests).
+        mode = os.environ.get("PAGODA_LOOKAHEAD", "1")
+        self.look_ahead = (self.use_graphs and mode != "0") or mode == "force"
+        self.lookahead = DecodeLookahead(self, sizes[-1] if self.look_ahead else 0)
+        self.kv_all: Optional[torch.Tensor] = None  # all layers' caches, when shapes agree
+        self.num_kv_blocks = 0  # the scheduler's blocks; scratch blocks follow them
         rows = max(sched.max_num_seqs, sizes[-1])
         self._d2h = [torch.zeros(rows, dtype=torch.int64, pin_memory=True)
                      for _ in range(2)] if self.device.type == "cuda" else []
@@ -92,11 +82,26 @@ class ModelRunner:
         return sum(2 * self.block_size * layer.num_kv_heads * layer.head_dim * itemsize
                    for layer in self.attn_layers)
 
+    def num_scratch_blocks(self) -> int:
+        return self.lookahead.num_scratch
+
     def initialize_kv_cache(self, num_blocks: int) -> None:
-        dtype = self.config.model_config.dtype
-        self.kv_caches = [torch.zeros(2, num_blocks, self.block_size, layer.num_kv_heads,
-                                      layer.head_dim, dtype=dtype, device=self.device)
-                          for layer in sorted(self.attn_layers, key=lambda m: m.layer_idx)]
+        """num_blocks for the scheduler, plus the lookahead's scratch blocks after them. When
+        every layer has the same KV shape, one tensor holds all layers (one copy moves a
+        slot in every layer)."""
+        dtype, bs = self.config.model_config.dtype, self.block_size
+        self.num_kv_blocks = num_blocks
+        total = num_blocks + self.lookahead.num_scratch
+        layers = sorted(self.attn_layers, key=lambda m: m.layer_idx)
+        shapes = {(layer.num_kv_heads, layer.head_dim) for layer in layers}
+        if len(shapes) == 1:
+            heads, dim = shapes.pop()
+            self.kv_all = torch.zeros(len(layers), 2, total, bs, heads, dim, dtype=dtype,
+                                      device=self.device)
+            self.kv_caches = list(self.kv_all.unbind(0))
+        else:
+            self.kv_caches = [torch.zeros(2, total, bs, layer.num_kv_heads, layer.head_dim,
+                                          dtype=dtype, device=self.device) for layer in layers]
 
     @torch.inference_mode()
     def profile_run(self, num_tokens: int) -> None:
@@ -142,11 +147,12 @@ class ModelRunner:
     @torch.inference_mode()
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         self._update_states(sched)
-        pending, self._pending = self._pending, None
         if sched.is_empty:
+            self.lookahead.pending = None
             return ModelRunnerOutput([], [])
-        if pending is not None and self._lookahead_matches(pending, sched):
-            return self._finish_lookahead(pending)
+        result = self.lookahead.take(sched)
+        if result is not None:
+            return result
         step = self._prepare_inputs(sched)
         if step.graph_size:
             hidden = self.graphs.replay(step.graph_size)
@@ -231,13 +237,12 @@ class ModelRunner:
             selected = hidden[:n] if step.logits_indices is None else hidden[step.logits_indices]
             logits = self.model.compute_logits(selected)
             md = self.md_cache.get(states)
-            out = sample(self.sampler, logits, md)
-            host, event = self._copy_to_host(out.sampled)
+            out = self.sample_logits(logits, md)
+            host, event = self.copy_to_host(out.sampled)
             if self._can_look_ahead(step, md):
-                self._pending = self._launch_lookahead(
-                    step.req_ids, step.rows, step.positions_np + 1, step.graph_size, md,
-                    out.sampled)
-            sampled = _wait(host, event)  # the step's one host sync
+                self.lookahead.launch(step.req_ids, step.rows, np.ones(n, dtype=bool),
+                                      step.positions_np + 1, step.graph_size, md, out.sampled)
+            sampled = wait_host(host, event)  # the step's one host sync
             self.batch.append_sampled(step.rows[step.sampling_rows], sampled)
             rows = _logprob_rows(out, states)
             for j, (i, token) in enumerate(zip(step.sampling_rows.tolist(), sampled.tolist())):
@@ -246,63 +251,17 @@ class ModelRunner:
         prompt_lps = self._prompt_logprobs(step, hidden)
         return ModelRunnerOutput(step.req_ids, sampled_lists, logprob_lists, prompt_lps)
 
-    # -- decode lookahead ---------------------------------------------------------------
-    # After launching a decode step's sampling, the next decode step of the same requests is
-    # launched too, its input ids copied on the device from this step's samples, before the
-    # host reads them back. While the host then updates the scheduler and builds outputs,
-    # the GPU already runs step N+1; if the scheduler's next step is exactly that one (same
-    # requests, one token each, no new blocks), its result is just read back. Otherwise the
-    # lookahead is dropped: it only wrote each request's next KV slot, inside a block the
-    # request owns alone (a partly filled block), which the real step rewrites identically
-    # or nobody reads. Only for steps whose sampling has no state (no seeds, no logprobs,
-    # no penalties), so a dropped lookahead changes nothing observable.
+    # -- decode lookahead (see cuda_graphs.DecodeLookahead) --------------------------------
     def _can_look_ahead(self, step: StepInputs, md: SamplingMetadata) -> bool:
-        return (self.lookahead and step.graph_size > 0
+        return (self.look_ahead and step.graph_size > 0
                 and len(step.sampling_rows) == len(step.req_ids)
                 and self.md_cache.is_cached(md) and not md.generators
                 and md.max_num_logprobs is None and not self.batch.prompt_lp_reqs)
 
-    def _launch_lookahead(self, req_ids: list[str], rows: np.ndarray, positions: np.ndarray,
-                          size: int, md: SamplingMetadata, input_ids: torch.Tensor
-                          ) -> Optional[_Lookahead]:
-        batch, bs, buf, n = self.batch, self.block_size, self.buffers, len(req_ids)
-        blocks = positions // bs
-        num_blocks = batch.num_blocks[rows]
-        if (blocks >= num_blocks).any() or (positions >= self.max_model_len).any():
-            return None  # the scheduler must allocate a block first (or the request ends)
-        buf.wait_host_free()
-        slots = batch.block_table[rows, blocks].astype(np.int64) * bs + positions % bs
-        buf.fill("positions", positions, size)
-        buf.fill("slot_mapping", slots, size, pad=-1)
-        buf.fill("seq_lens", (positions + 1).astype(np.int32), size)
-        buf.mark_uploaded()
-        # query_start_loc and the block table on the device are still right: same requests,
-        # same padded size, no new blocks.
-        buf.dev["input_ids"][:n].copy_(input_ids)
-        hidden = self.graphs.replay(size)
-        out = sample(self.sampler, self.model.compute_logits(hidden[:n]), md)
-        host, event = self._copy_to_host(out.sampled)
-        return _Lookahead(req_ids, rows, positions, num_blocks.copy(), size, md, out.sampled,
-                          host, event)
+    def sample_logits(self, logits: torch.Tensor, md: SamplingMetadata):
+        return sample(self.sampler, logits, md)
 
-    def _lookahead_matches(self, p: _Lookahead, sched: SchedulerOutput) -> bool:
-        if sched.scheduled_new_reqs or sched.total_num_scheduled_tokens != len(p.req_ids):
-            return False
-        if list(sched.num_scheduled_tokens) != p.req_ids:
-            return False
-        batch = self.batch
-        return (np.array_equal(batch.num_computed[p.rows], p.positions)
-                and np.array_equal(batch.num_blocks[p.rows], p.num_blocks))
-
-    def _finish_lookahead(self, p: _Lookahead) -> ModelRunnerOutput:
-        self._pending = self._launch_lookahead(p.req_ids, p.rows, p.positions + 1, p.size,
-                                               p.md, p.sampled)
-        tokens = _wait(p.host, p.event)  # the step's one host sync
-        self.batch.append_sampled(p.rows, tokens)
-        return ModelRunnerOutput(p.req_ids, [[t] for t in tokens.tolist()],
-                                 [None] * len(p.req_ids), {})
-
-    def _copy_to_host(self, sampled: torch.Tensor
+    def copy_to_host(self, sampled: torch.Tensor
                       ) -> tuple[torch.Tensor, Optional[torch.cuda.Event]]:
         """Starts the copy of the sampled ids to the host; two pinned buffers alternate, so
         a lookahead's copy never lands where the host is still to read."""
@@ -337,12 +296,6 @@ def _common(num_reqs: int, num_tokens: int, max_query_len: int, starts: np.ndarr
         query_start_loc=query_start_loc, seq_lens=seq_lens_dev, block_table=block_table,
         slot_mapping=slot_mapping, query_start_loc_cpu=torch.from_numpy(starts),
         seq_lens_cpu=torch.from_numpy(seq_lens))
-
-
-def _wait(host: torch.Tensor, event: Optional[torch.cuda.Event]) -> np.ndarray:
-    if event is not None:
-        event.synchronize()
-    return host.numpy().copy()
 
 
 def _logprob_rows(out, states: list[RequestState]) -> list[Optional[list]]:

@@ -23,12 +23,14 @@ class Worker:
     def determine_num_blocks(self) -> int:
         cache = self.config.cache_config
         per_block = self.runner.kv_bytes_per_block()
+        # The decode lookahead's scratch blocks come out of the same memory budget.
+        scratch = self.runner.num_scratch_blocks()
         if cache.num_gpu_blocks_override is not None:
             num_blocks = cache.num_gpu_blocks_override
         elif self.config.device.type == "cuda":
-            num_blocks = self._profile_gpu_blocks(per_block)
+            num_blocks = max(self._profile_gpu_blocks(per_block) - scratch, 0)
         else:
-            num_blocks = cache.kv_cache_memory_bytes // per_block
+            num_blocks = max(cache.kv_cache_memory_bytes // per_block - scratch, 0)
         self._check_fits(num_blocks)
         return num_blocks
 
