@@ -61,7 +61,7 @@ FAMILIES = {
     "gemma2": lambda: _cfg("Gemma2Config", "Gemma2ForCausalLM", intermediate_size=128,
                            num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
                            sliding_window=12, query_pre_attn_scalar=24,
-                           attn_logit_softcapping=5.0, final_logit_softcapping=3.0),
+                           attn_logit_softcapping=20.0, final_logit_softcapping=30.0),
     "phi3": lambda: _cfg("Phi3Config", "Phi3ForCausalLM", intermediate_size=128,
                          num_key_value_heads=2, max_position_embeddings=128,
                          sliding_window=24, pad_token_id=2),

@@ -17,7 +17,8 @@ pytestmark = [pytest.mark.gpu,
 from tests.models.harness import NEAR_TIE  # noqa: E402
 from tests.models.test_families import FAMILIES, MAX_NEW, checkpoints  # noqa: E402,F401
 
-# Reduction orders differ on the GPU; gemma2 (soft-capped logits) measured 1.06e-3 once.
+# Reduction orders differ on the GPU. tests/gpu uses 1e-3 for Llama; the MoE families were
+# checked only against this looser bound.
 GPU_LOGPROB_TOL = 2e-3
 
 
@@ -32,11 +33,14 @@ def _run(path, prompts, dtype):
     return [o.outputs[0] for o in outs]
 
 
-# Seen on the H200 (2026-11-29): gemma2's fp32 logprobs drift from transformers' (1.06e-3 at
-# decode step 2, 2.01e-3 at step 3 of a 1-token prompt, where the window of 12 is not yet
-# active), while every other family run there stayed under 1e-3. Something in the GPU path for
-# attention soft-capping (or Gemma 2's norms) needs a look; the CPU test passes at 1e-4.
-_KNOWN = {"gemma2": "fp32 logprobs drift ~2e-3 on the GPU; under investigation"}
+# Seen on the H200 (2026-11-29), with gemma2's caps then at 5 (attention) and 3 (final logits):
+# its fp32 logprobs drifted from transformers' (1.06e-3 at decode step 2, 2.01e-3 at step 3 of
+# a 1-token prompt, before the window of 12 matters); every other family run there stayed
+# within tolerance. The final cap of 3 left the top logits saturated and nearly tied, so the
+# config now uses caps 20 / 30 (decisive, and both caps still change the output); that config
+# has not run on a GPU yet. The CPU test, and Triton's interpreter on the CPU, match at 1e-4.
+_KNOWN = {"gemma2": "fp32 logprobs drifted ~2e-3 on the GPU with saturated caps; "
+                    "recheck with the current config"}
 CASES = [pytest.param(f, marks=pytest.mark.xfail(reason=_KNOWN[f], strict=False))
          if f in _KNOWN else f for f in FAMILIES]
 
