@@ -123,7 +123,7 @@ def test_cuda_graphs_on_off_identical_bf16(tiny_llama_gpu_path):
 def test_lookahead_ragged_fp32_identical(tiny_llama_gpu_path):
     """Graphs + decode lookahead against eager, in fp32 (no bf16 near-ties): requests finish
     at different steps (dead rows in the lookahead) and cross KV-block boundaries at
-    different steps (scratch blocks), with greedy and unseeded-free greedy sampling only."""
+    different steps (scratch blocks); greedy sampling."""
     prompts = make_prompts(384, lengths=(1, 9, 15, 16, 33, 47, 70, 120, 5, 31), seed=5)
     lens = [60, 12, 45, 17, 33, 70, 8, 50, 64, 16]
 
