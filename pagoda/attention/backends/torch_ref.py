@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from pagoda.attention.backend import AttentionLayerSpec, CommonAttentionMetadata
 
@@ -51,6 +52,35 @@ def attend(layer: AttentionLayerSpec, q: torch.Tensor, keys: torch.Tensor,
     return torch.einsum("hqk,khd->qhd", probs, values)
 
 
+def _bias_and_mask(layer: AttentionLayerSpec, q_pos: torch.Tensor, k_pos: torch.Tensor,
+                   device: torch.device) -> torch.Tensor:
+    """An additive float mask [..., H or 1, n, s] (causality, sliding window, ALiBi) from
+    query positions [..., n, 1] and key positions [..., 1, s]."""
+    allowed = k_pos <= q_pos
+    if layer.sliding_window:
+        allowed = allowed & (q_pos - k_pos < layer.sliding_window)
+    mask = torch.zeros(allowed.shape, device=device).masked_fill(~allowed, float("-inf"))
+    mask = mask.unsqueeze(-3)
+    if layer.alibi_slopes is None:
+        return mask
+    slopes = layer.alibi_slopes.float().to(device).view(-1, 1, 1)
+    return mask + slopes * (k_pos - q_pos).float().unsqueeze(-3)
+
+
+def attend_sdpa(layer: AttentionLayerSpec, q: torch.Tensor, keys: torch.Tensor,
+                values: torch.Tensor, context_len: int) -> torch.Tensor:
+    """`attend` through PyTorch's fused scaled_dot_product_attention, in float32."""
+    n, seq_len, device = q.shape[0], keys.shape[0], q.device
+    q_pos = torch.arange(context_len, context_len + n, device=device).unsqueeze(1)
+    k_pos = torch.arange(seq_len, device=device).unsqueeze(0)
+    mask = _bias_and_mask(layer, q_pos, k_pos, device)  # [1|H, n, s]
+    out = F.scaled_dot_product_attention(
+        q.float().transpose(0, 1), keys.float().transpose(0, 1),
+        values.float().transpose(0, 1), attn_mask=mask, scale=layer.scale,
+        enable_gqa=layer.num_heads != layer.num_kv_heads)
+    return out.transpose(0, 1)
+
+
 class TorchRefBackend:
     name = "torch_ref"
 
@@ -64,6 +94,11 @@ class TorchRefBackend:
         q, k, v = q[:num_tokens], k[:num_tokens], v[:num_tokens]
         if kv_cache is not None:
             write_kv_cache(k, v, kv_cache, metadata.slot_mapping[:num_tokens])
+            one_token_each = num_tokens == metadata.num_reqs and metadata.max_query_len == 1
+            if one_token_each and not layer.logits_soft_cap:
+                return self._decode(layer, q, kv_cache, metadata)
+        # Soft-capping sits between the scores and the softmax, where SDPA cannot reach.
+        attend_one = attend if layer.logits_soft_cap else attend_sdpa
         out = torch.empty_like(q)
         starts = metadata.query_start_loc_cpu.tolist()
         seq_lens = metadata.seq_lens_cpu.tolist()
@@ -76,5 +111,28 @@ class TorchRefBackend:
                 keys, values = k[start:end], v[start:end]
             else:
                 keys, values = gather_kv(kv_cache, metadata.block_table[i], seq_lens[i])
-            out[start:end] = attend(layer, q[start:end], keys, values, context_len).to(q.dtype)
+            out[start:end] = attend_one(layer, q[start:end], keys, values,
+                                        context_len).to(q.dtype)
         return out
+
+    def _decode(self, layer: AttentionLayerSpec, q: torch.Tensor, kv_cache: torch.Tensor,
+                metadata: CommonAttentionMetadata) -> torch.Tensor:
+        """All sequences at once when each has one new token: gather every sequence's
+        blocks into a padded [B, L] batch and mask past each sequence's length."""
+        _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
+        batch, max_len = metadata.num_reqs, metadata.max_seq_len
+        num_blocks = -(-max_len // block_size)
+        ids = metadata.block_table[:batch, :num_blocks].long()
+        keys = kv_cache[0, ids].reshape(batch, -1, num_kv_heads, head_dim)[:, :max_len]
+        values = kv_cache[1, ids].reshape(batch, -1, num_kv_heads, head_dim)[:, :max_len]
+        seq_lens = metadata.seq_lens[:batch].long().view(batch, 1, 1)
+        k_pos = torch.arange(max_len, device=q.device).view(1, 1, -1)
+        # Padding slots hold whatever the blocks held; a masked NaN would still poison p @ V.
+        valid = (k_pos < seq_lens).view(batch, max_len, 1, 1)
+        keys, values = keys.where(valid, 0.0), values.where(valid, 0.0)
+        mask = _bias_and_mask(layer, seq_lens - 1, k_pos, q.device)  # [B, 1|H, 1, L]
+        out = F.scaled_dot_product_attention(
+            q.float().unsqueeze(2), keys.float().transpose(1, 2), values.float().transpose(1, 2),
+            attn_mask=mask, scale=layer.scale,
+            enable_gqa=layer.num_heads != layer.num_kv_heads)
+        return out.squeeze(2).to(q.dtype)
