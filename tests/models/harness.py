@@ -52,3 +52,16 @@ def check_close(ref: Reference, token_ids: list[int], logprobs: list[float], lab
         assert diff < LOGPROB_TOL, f"{label}: step {step} logprob off by {diff:.2e}"
     assert len(token_ids) == len(ref.token_ids), f"{label}: length differs"
     return 0
+
+
+def check_top_logprobs(ref: Reference, completion, label: str) -> None:
+    """The chosen token's logprob is near 0 once greedy is decisive, so it says little; the
+    runners-up's logprobs must match too (up to where the sequences part)."""
+    for step, (want, got) in enumerate(zip(ref.token_ids, completion.token_ids)):
+        if want != got:
+            return
+        for token, entry in completion.logprobs[step].items():
+            expected = ref.logprobs[step, token].item()
+            tol = LOGPROB_TOL * max(1.0, abs(expected))
+            assert abs(entry.logprob - expected) < tol, (
+                f"{label}: step {step} token {token} logprob {entry.logprob} != {expected}")

@@ -11,7 +11,7 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 from pagoda import LLM, SamplingParams
-from tests.models.harness import LOGPROB_TOL, check_close, hf_greedy, make_prompts
+from tests.models.harness import check_close, check_top_logprobs, hf_greedy, make_prompts
 from tests.utils import make_model
 
 MAX_NEW = 8
@@ -94,19 +94,6 @@ ENGINE_SETTINGS = {
 CASES = [(f, s) for f in FAMILIES for s in ENGINE_SETTINGS if s != "preempt" or f in PREEMPT]
 
 
-def _check_top_logprobs(ref, completion, label: str) -> None:
-    """The chosen token's logprob is near 0 once greedy is decisive, so it says little; the
-    runners-up's logprobs must match too (up to where the sequences part)."""
-    for step, (want, got) in enumerate(zip(ref.token_ids, completion.token_ids)):
-        if want != got:
-            return
-        for token, entry in completion.logprobs[step].items():
-            expected = ref.logprobs[step, token].item()
-            tol = LOGPROB_TOL * max(1.0, abs(expected))
-            assert abs(entry.logprob - expected) < tol, (
-                f"{label}: step {step} token {token} logprob {entry.logprob} != {expected}")
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """Family name -> (path, prompts, references), built once per family on first use."""
@@ -137,7 +124,7 @@ def test_greedy_matches_transformers(checkpoints, family, setting):
         logprobs = [completion.logprobs[s][t].logprob
                     for s, t in enumerate(completion.token_ids)]
         ties += check_close(ref, completion.token_ids, logprobs, label)
-        _check_top_logprobs(ref, completion, label)
+        check_top_logprobs(ref, completion, label)
     assert ties <= 1, f"{ties} near ties: a real numerical difference"
     scheduler = llm.engine.core.scheduler
     if setting == "preempt":
