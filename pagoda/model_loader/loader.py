@@ -6,7 +6,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -32,7 +32,13 @@ def get_model(model_config: ModelConfig, device: torch.device) -> nn.Module:
     if model_config.load_format == "dummy":
         init_dummy_weights(model, model_config.seed)
     else:
-        model.load_weights(iterate_weights(model_config))
+        stream = WeightStream(model_config)
+        try:
+            model.load_weights(stream)
+        except ValueError as exc:
+            if stream.current_file is None or stream.current_file in str(exc):
+                raise
+            raise ValueError(f"{stream.current_file}: {exc}") from exc
     for module in model.modules():
         method = getattr(module, "quant_method", None)
         if method is not None:
@@ -40,11 +46,26 @@ def get_model(model_config: ModelConfig, device: torch.device) -> nn.Module:
     return model.eval()
 
 
-def iterate_weights(model_config: ModelConfig) -> WeightIter:
+class WeightStream:
+    """(name, tensor) pairs of a checkpoint; remembers the file the last tensor came from,
+    so an error raised while loading it can name the file as well as the tensor."""
+
+    def __init__(self, model_config: ModelConfig):
+        self.sources = _weight_sources(model_config)
+        self.current_file: Optional[str] = None
+
+    def __iter__(self) -> WeightIter:
+        for path, name, tensor in self.sources:
+            self.current_file = path
+            yield name, tensor
+
+
+def _weight_sources(model_config: ModelConfig) -> Iterator[tuple[str, str, torch.Tensor]]:
     fmt = model_config.load_format
     if fmt == "gguf":
         from pagoda.model_loader.gguf_loader import iterate_gguf_weights
-        return iterate_gguf_weights(model_config.gguf_file)
+        path = model_config.gguf_file
+        return ((path, name, tensor) for name, tensor in iterate_gguf_weights(path))
     folder = model_config.model
     if fmt in ("auto", "safetensors"):
         files = _safetensors_files(folder)
@@ -73,7 +94,7 @@ def _safetensors_files(folder: str) -> list[str]:
     return sorted(glob.glob(os.path.join(folder, "*.safetensors")))
 
 
-def _iterate_safetensors(files: list[str]) -> WeightIter:
+def _iterate_safetensors(files: list[str]) -> Iterator[tuple[str, str, torch.Tensor]]:
     from safetensors import safe_open
     for path in files:
         try:
@@ -82,16 +103,17 @@ def _iterate_safetensors(files: list[str]) -> WeightIter:
             raise ValueError(f"cannot read {path}: {exc}") from exc
         with handle:
             for name in handle.keys():
-                yield name, handle.get_tensor(name)
+                yield path, name, handle.get_tensor(name)
 
 
-def _iterate_bin(files: list[str]) -> WeightIter:
+def _iterate_bin(files: list[str]) -> Iterator[tuple[str, str, torch.Tensor]]:
     for path in files:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:
             raise ValueError(f"cannot read {path}: {exc}") from exc
-        yield from state.items()
+        for name, tensor in state.items():
+            yield path, name, tensor
         del state
 
 
