@@ -1,0 +1,177 @@
+"""Fused mixture-of-experts: two grouped GEMMs over tokens sorted by expert (vLLM's design).
+
+Each token picks top_k experts, so there are P = num_tokens * top_k (token, expert) pairs; pair
+p = t * top_k + j is token t's j-th choice. The steps:
+
+1. `moe_align`: sort the pairs by expert and pad each expert's group to a multiple of BLOCK_M,
+   giving `sorted_ids` (pair indices, the pad value P marks an empty row), `expert_ids` (the
+   expert of each BLOCK_M block) and `num_padded` (a 1-element device tensor: the used length).
+   Plain torch ops, no host sync: buffers are sized from the host-side upper bound
+   P + min(E, P) * (BLOCK_M - 1), so every shape is known before any device value is read.
+2. `_grouped_gemm_kernel`: a program owns BLOCK_M sorted rows (all of one expert) times BLOCK_N
+   output columns and multiplies their activations by that expert's weight; the result lands in
+   row p (the pair index), so no un-permute is needed. Blocks past `num_padded` exit at once.
+   x [T, H] @ w13[e]^T -> [P, 2I] (the activation row of pair p is p // top_k).
+3. The gated activation (the Triton silu_and_mul / gelu_and_mul) -> [P, I].
+4. The same kernel with w2: [P, I] @ w2[e]^T -> [P, H], times the pair's routing weight.
+5. A sum over each token's top_k rows.
+
+The grid is computed from host-side shapes only, so a captured CUDA graph replays it for any
+routing of the same batch size.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import nn
+
+
+@triton.jit
+def _grouped_gemm_kernel(
+    a_ptr, b_ptr, c_ptr, topk_weights_ptr,
+    sorted_ids_ptr, expert_ids_ptr, num_padded_ptr,
+    N, K, num_pairs, num_rows_bound,
+    stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
+    A_ROW_DIV: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """c[p, n] = sum_k a[p // A_ROW_DIV, k] * b[expert(p), n, k] (* topk_weight[p])."""
+    # Grouped ordering: GROUP_M row blocks (mostly one expert) sweep the columns together, so
+    # an expert's weight tile is reused from L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(num_rows_bound, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP_M * num_pid_n
+    first_m = (pid // in_group) * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_size
+    pid_n = (pid % in_group) // group_size
+    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+        return
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pairs = tl.load(sorted_ids_ptr + rows)
+    row_mask = pairs < num_pairs
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Columns past N wrap around (loads stay in bounds without a mask); the store drops them.
+    b_cols = offs_n % N
+    a_rows = (pairs // A_ROW_DIV).to(tl.int64)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = (b_ptr + expert * stride_be + b_cols[None, :].to(tl.int64) * stride_bn
+              + offs_k[:, None] * stride_bk)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_mask[:, None], other=0.0)
+        acc += tl.dot(a, b.to(a.dtype), input_precision=DOT_PREC)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    if MUL_ROUTED_WEIGHT:
+        w = tl.load(topk_weights_ptr + pairs, mask=row_mask, other=0.0)
+        acc = acc * w.to(tl.float32)[:, None]
+    c_ptrs = c_ptr + pairs.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & (offs_n[None, :] < N))
+
+
+def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sorted_ids int32 [R], expert_ids int32 [R // block_m], num_padded int32 [1]).
+
+    R = round_up(P + min(E, P) * (block_m - 1), block_m) is a host-side bound on the padded
+    length (each routed-to expert adds fewer than block_m pad rows); rows past num_padded hold
+    the pad value P and blocks past it an unused expert id (clamped into range)."""
+    dev = topk_ids.device
+    flat = topk_ids.reshape(-1).to(torch.int64)
+    num_pairs = flat.numel()
+    num_blocks = triton.cdiv(num_pairs + min(num_experts, num_pairs) * (block_m - 1), block_m)
+
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=dev)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))  # bincount would sync on CUDA
+    padded = (counts + block_m - 1) // block_m * block_m
+    ends = torch.cumsum(padded, 0)
+    starts = ends - padded
+    group_first = torch.cumsum(counts, 0) - counts  # first position of each expert, unpadded
+
+    sorted_experts, order = torch.sort(flat, stable=True)
+    rank = torch.arange(num_pairs, device=dev) - group_first[sorted_experts]
+    dest = starts[sorted_experts] + rank
+    sorted_ids = torch.full((num_blocks * block_m,), num_pairs, dtype=torch.int32, device=dev)
+    sorted_ids.scatter_(0, dest, order.to(torch.int32))
+
+    block_starts = torch.arange(num_blocks, device=dev) * block_m
+    expert_ids = torch.searchsorted(ends, block_starts, right=True)
+    expert_ids = expert_ids.clamp_(max=num_experts - 1).to(torch.int32)
+    num_padded = ends[-1:].to(torch.int32)
+    return sorted_ids, expert_ids, num_padded
+
+
+def _config(num_pairs: int, num_experts: int) -> dict:
+    """Tile shapes from the average rows per expert (host-side shapes only). Untuned defaults
+    in the range of vLLM's tuned configs for bf16 on Hopper."""
+    per_expert = num_pairs / num_experts
+    if per_expert <= 16:  # decode: few rows per expert, many experts -> thin tiles
+        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3)
+    if per_expert <= 64:
+        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
+
+
+def _grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor,
+                  topk_weights: torch.Tensor, align: tuple, a_row_div: int,
+                  mul_routed_weight: bool, config: dict) -> None:
+    """out[p] = a[p // a_row_div] @ w[expert(p)]^T (* topk_weights[p]) for every routed p."""
+    sorted_ids, expert_ids, num_padded = align
+    num_experts, n, k = w.shape
+    block_m, block_n = config["BLOCK_M"], config["BLOCK_N"]
+    grid = (triton.cdiv(sorted_ids.numel(), block_m) * triton.cdiv(n, block_n),)
+    _grouped_gemm_kernel[grid](
+        a, w, out, topk_weights, sorted_ids, expert_ids, num_padded,
+        n, k, out.shape[0], sorted_ids.numel(),
+        a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2),
+        out.stride(0), out.stride(1),
+        A_ROW_DIV=a_row_div, MUL_ROUTED_WEIGHT=mul_routed_weight,
+        DOT_PREC="ieee" if a.dtype == torch.float32 else None, **config)
+
+
+def _gated_act(act_fn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The Triton gated activation matching act_fn; any other module runs as itself."""
+    from pagoda.kernels.activation import gelu_and_mul, silu_and_mul
+    from pagoda.layers.activation import GeluAndMul, SiluAndMul
+    if isinstance(act_fn, SiluAndMul):
+        return silu_and_mul(x)
+    if isinstance(act_fn, GeluAndMul):
+        return gelu_and_mul(x, act_fn.approximate)
+    return act_fn(x)
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, act_fn: nn.Module) -> torch.Tensor:
+    """x [T, H]; w13 [E, 2I, H] (gate rows, then up); w2 [E, H, I]; topk_weights / topk_ids
+    [T, top_k]; act_fn a gated activation module ([.., 2I] -> [.., I]). Returns [T, H] in
+    x's dtype: sum over j of topk_weights[t, j] * expert_{ids[t, j]}(x[t])."""
+    num_tokens, hidden = x.shape
+    num_experts, two_inter, _ = w13.shape
+    top_k = topk_ids.shape[1]
+    if num_tokens == 0 or top_k == 0:
+        return torch.zeros_like(x)
+    assert w13.shape[2] == hidden and w2.shape == (num_experts, hidden, two_inter // 2)
+    num_pairs = num_tokens * top_k
+    config = _config(num_pairs, num_experts)
+    align = moe_align(topk_ids, num_experts, config["BLOCK_M"])
+    weights = topk_weights.reshape(-1).to(torch.float32).contiguous()
+
+    gate_up = torch.empty(num_pairs, two_inter, dtype=x.dtype, device=x.device)
+    _grouped_gemm(x, w13, gate_up, weights, align, top_k, False, config)
+    hidden_act = _gated_act(act_fn, gate_up)
+    down = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)
+    _grouped_gemm(hidden_act, w2, down, weights, align, 1, True, config)
+    return down.view(num_tokens, top_k, hidden).sum(dim=1)

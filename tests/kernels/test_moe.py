@@ -1,0 +1,74 @@
+"""The fused Triton MoE (moe_align + grouped GEMMs) against the PyTorch `torch_moe`."""
+
+import pytest
+import torch
+
+from pagoda.kernels.moe import fused_moe, moe_align
+from pagoda.layers.activation import GeluAndMul, SiluAndMul
+from pagoda.layers.moe import route, torch_moe
+
+
+def make_case(tokens, experts, top_k, hidden, inter, renormalize=True, dead=()):
+    """Random fp32 inputs; experts in `dead` get no tokens (their router logit is -inf)."""
+    x = torch.randn(tokens, hidden)
+    w13 = torch.randn(experts, 2 * inter, hidden) / hidden ** 0.5
+    w2 = torch.randn(experts, hidden, inter) / inter ** 0.5
+    logits = torch.randn(tokens, experts) * 2
+    logits[:, list(dead)] = float("-inf")
+    weights, ids = route(logits, top_k, renormalize)
+    return x, w13, w2, weights, ids
+
+
+@pytest.mark.parametrize("tokens,experts,top_k,hidden,inter,renormalize,dead", [
+    (1, 8, 2, 32, 16, True, ()),            # a single decode token (Mixtral's routing)
+    (9, 8, 2, 40, 24, False, (1, 5)),       # ragged H / 2I tiles, two experts idle, raw weights
+    (13, 4, 1, 32, 16, True, ()),           # top_k = 1
+    (5, 60, 4, 32, 16, False, ()),          # Qwen1.5-MoE's E: most experts get no token
+    (3, 128, 8, 16, 8, True, ()),           # Qwen3-MoE's E and top_k, tiny dims
+    (70, 8, 2, 32, 16, True, (0,)),         # ~20 rows per expert: the middle tile config
+    (300, 4, 2, 16, 8, True, ()),           # ~150 rows per expert: the prefill tile config
+])
+def test_fused_moe_matches_torch_moe(tokens, experts, top_k, hidden, inter, renormalize, dead):
+    x, w13, w2, weights, ids = make_case(tokens, experts, top_k, hidden, inter, renormalize,
+                                         dead)
+    act = SiluAndMul()
+    torch.testing.assert_close(fused_moe(x, w13, w2, weights, ids, act),
+                               torch_moe(x, w13, w2, weights, ids, act),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_fused_moe_gelu(approximate):
+    x, w13, w2, weights, ids = make_case(6, 8, 2, 32, 16)
+    act = GeluAndMul(approximate)
+    torch.testing.assert_close(fused_moe(x, w13, w2, weights, ids, act),
+                               torch_moe(x, w13, w2, weights, ids, act),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_fused_moe_no_tokens():
+    x, w13, w2, weights, ids = make_case(0, 8, 2, 32, 16)
+    assert fused_moe(x, w13, w2, weights, ids, SiluAndMul()).shape == (0, 32)
+
+
+@pytest.mark.parametrize("tokens,experts,top_k,block_m", [(1, 8, 2, 16), (37, 6, 3, 4),
+                                                          (20, 128, 8, 16)])
+def test_moe_align(tokens, experts, top_k, block_m):
+    ids = torch.stack([torch.randperm(experts)[:top_k] for _ in range(tokens)])
+    ids[: tokens // 2, 0] = 0  # a crowded expert spanning several blocks
+    pairs = tokens * top_k
+    sorted_ids, expert_ids, num_padded = moe_align(ids, experts, block_m)
+    n = int(num_padded)
+    counts = torch.bincount(ids.flatten(), minlength=experts)
+    assert n == int(((counts + block_m - 1) // block_m * block_m).sum())
+    assert n <= sorted_ids.numel() == expert_ids.numel() * block_m
+    assert torch.all(sorted_ids[n:] == pairs)
+    used = sorted_ids[:n]
+    real = used[used < pairs].long()
+    assert torch.equal(real.sort().values, torch.arange(pairs))  # every pair exactly once
+    flat = ids.flatten()
+    for b in range(n // block_m):  # each block holds one expert's pairs, in token order
+        block = sorted_ids[b * block_m:(b + 1) * block_m].long()
+        block = block[block < pairs]
+        assert len(block) > 0 and torch.all(flat[block] == expert_ids[b])
+        assert torch.all(block[1:] > block[:-1])
