@@ -6,7 +6,7 @@ p = t * top_k + j is token t's j-th choice. The steps:
 1. `moe_align`: sort the pairs by expert and pad each expert's group to a multiple of BLOCK_M,
    giving `sorted_ids` (pair indices, the pad value P marks an empty row), `expert_ids` (the
    expert of each BLOCK_M block) and `num_padded` (a 1-element device tensor: the used length).
-   Plain torch ops, no host sync: buffers are sized from the host-side upper bound
+   Plain torch ops (no sort), no host sync: buffers are sized from the host-side upper bound
    P + min(E, P) * (BLOCK_M - 1), so every shape is known before any device value is read.
 2. `_grouped_gemm_kernel`: a program owns BLOCK_M sorted rows (all of one expert) times BLOCK_N
    output columns and multiplies their activations by that expert's weight; the result lands in
@@ -86,32 +86,37 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(sorted_ids int32 [R], expert_ids int32 [R // block_m], num_padded int32 [1]).
 
-    R = round_up(P + min(E, P) * (block_m - 1), block_m) is a host-side bound on the padded
-    length (each routed-to expert adds fewer than block_m pad rows); rows past num_padded hold
-    the pad value P and blocks past it an unused expert id (clamped into range)."""
+    Within an expert's group the pairs keep their order (token, then slot). R = round_up(P +
+    min(E, P) * (block_m - 1), block_m) bounds the padded length on the host (each routed-to
+    expert adds fewer than block_m pad rows); rows past num_padded hold the pad value P and
+    blocks past it an unused, in-range expert id. No sort and no host sync: a pair's rank in its
+    expert's group is a running count over tokens ([T, E] int32) plus its earlier duplicates
+    within the token (none from a top-k, but they are counted right)."""
     dev = topk_ids.device
-    flat = topk_ids.reshape(-1).to(torch.int64)
-    num_pairs = flat.numel()
+    ids = topk_ids.to(torch.int64)
+    num_tokens, top_k = ids.shape
+    num_pairs = num_tokens * top_k
     num_blocks = triton.cdiv(num_pairs + min(num_experts, num_pairs) * (block_m - 1), block_m)
 
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=dev)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))  # bincount would sync on CUDA
+    per_token = torch.zeros(num_tokens, num_experts, dtype=torch.int32, device=dev)
+    per_token.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.int32))
+    running = torch.cumsum(per_token, 0, dtype=torch.int32)
+    counts = running[-1].to(torch.int64)
+    earlier_slots = torch.ones(top_k, top_k, dtype=torch.bool, device=dev).tril_(-1)
+    dups = ((ids[:, :, None] == ids[:, None, :]) & earlier_slots).sum(-1)
+    rank = (running - per_token).gather(1, ids) + dups  # [T, k]: earlier pairs of the expert
+
     padded = (counts + block_m - 1) // block_m * block_m
     ends = torch.cumsum(padded, 0)
-    starts = ends - padded
-    group_first = torch.cumsum(counts, 0) - counts  # first position of each expert, unpadded
-
-    sorted_experts, order = torch.sort(flat, stable=True)
-    rank = torch.arange(num_pairs, device=dev) - group_first[sorted_experts]
-    dest = starts[sorted_experts] + rank
+    dest = (ends - padded)[ids] + rank
     sorted_ids = torch.full((num_blocks * block_m,), num_pairs, dtype=torch.int32, device=dev)
-    sorted_ids.scatter_(0, dest, order.to(torch.int32))
+    sorted_ids.scatter_(0, dest.reshape(-1),
+                        torch.arange(num_pairs, dtype=torch.int32, device=dev))
 
-    block_starts = torch.arange(num_blocks, device=dev) * block_m
+    block_starts = torch.arange(0, num_blocks * block_m, block_m, device=dev)
     expert_ids = torch.searchsorted(ends, block_starts, right=True)
     expert_ids = expert_ids.clamp_(max=num_experts - 1).to(torch.int32)
-    num_padded = ends[-1:].to(torch.int32)
-    return sorted_ids, expert_ids, num_padded
+    return sorted_ids, expert_ids, ends[-1:].to(torch.int32)
 
 
 def _config(num_pairs: int, num_experts: int) -> dict:

@@ -62,11 +62,24 @@ def test_fused_moe_no_tokens():
     assert fused_moe(x, w13, w2, weights, ids, SiluAndMul()).shape == (0, 32)
 
 
-@pytest.mark.parametrize("tokens,experts,top_k,block_m", [(1, 8, 2, 16), (37, 6, 3, 4),
-                                                          (20, 128, 8, 16)])
-def test_moe_align(tokens, experts, top_k, block_m):
+def test_fused_moe_repeated_expert_in_a_token():
+    """A top-k never repeats an expert, but the kernel adds a repeat like torch_moe does."""
+    x, w13, w2, weights, ids = make_case(11, 8, 3, 32, 16)
+    ids[:, 2] = ids[:, 0]
+    ids[3] = 5
+    act = SiluAndMul()
+    torch.testing.assert_close(fused_moe(x, w13, w2, weights, ids, act),
+                               torch_moe(x, w13, w2, weights, ids, act),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tokens,experts,top_k,block_m,repeat", [
+    (1, 8, 2, 16, False), (37, 6, 3, 4, False), (20, 128, 8, 16, False), (25, 8, 4, 4, True)])
+def test_moe_align(tokens, experts, top_k, block_m, repeat):
     ids = torch.stack([torch.randperm(experts)[:top_k] for _ in range(tokens)])
     ids[: tokens // 2, 0] = 0  # a crowded expert spanning several blocks
+    if repeat:
+        ids[::3, 1] = ids[::3, 3]
     pairs = tokens * top_k
     sorted_ids, expert_ids, num_padded = moe_align(ids, experts, block_m)
     n = int(num_padded)
