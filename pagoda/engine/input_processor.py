@@ -35,7 +35,10 @@ class InputProcessor:
         self._validate(token_ids, params)
         params = params.clone()
         if not params.ignore_eos:
+            # min_tokens bans every id in this set, the model's own eos included
             params.all_stop_token_ids |= self.extra_eos_ids
+            if self.eos_token_id is not None:
+                params.all_stop_token_ids.add(self.eos_token_id)
         req = EngineCoreRequest(request_id, token_ids, params, self.eos_token_id,
                                 arrival_time or time.time(),
                                 prompt.get("cache_salt") if isinstance(prompt, dict) else None)
