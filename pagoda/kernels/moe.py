@@ -6,7 +6,8 @@ p = t * top_k + j is token t's j-th choice. The steps:
 1. `moe_align`: sort the pairs by expert and pad each expert's group to a multiple of BLOCK_M,
    giving `sorted_ids` (pair indices, the pad value P marks an empty row), `expert_ids` (the
    expert of each BLOCK_M block) and `num_padded` (a 1-element device tensor: the used length).
-   Plain torch ops (no sort), no host sync: buffers are sized from the host-side upper bound
+   One Triton program for small batches (decode: one launch), torch ops (no sort) for large
+   ones; no host sync either way: buffers are sized from the host-side upper bound
    P + min(E, P) * (BLOCK_M - 1), so every shape is known before any device value is read.
 2. `_grouped_gemm_kernel`: a program owns BLOCK_M sorted rows (all of one expert) times BLOCK_N
    output columns and multiplies their activations by that expert's weight; the result lands in
@@ -82,6 +83,44 @@ def _grouped_gemm_kernel(
              mask=row_mask[:, None] & (offs_n[None, :] < N))
 
 
+@triton.jit
+def _align_kernel(ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr,
+                  num_pairs, num_experts, num_rows, num_blocks,
+                  BLOCK_M: tl.constexpr, E_P2: tl.constexpr, CHUNK: tl.constexpr):
+    """`moe_align` in one program (small batches: one launch instead of ~25 torch ops)."""
+    experts = tl.arange(0, E_P2)
+    lanes = tl.arange(0, CHUNK)
+    counts = tl.zeros((E_P2,), dtype=tl.int32)
+    for c0 in range(0, num_pairs, CHUNK):
+        ids = tl.load(ids_ptr + c0 + lanes, mask=c0 + lanes < num_pairs, other=-1)
+        counts += tl.sum((ids.to(tl.int32)[:, None] == experts[None, :]).to(tl.int32), 0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, 0)
+    tl.store(num_padded_ptr, tl.sum(padded, 0))
+    for b0 in range(0, num_blocks, CHUNK):  # a block's expert: how many groups end before it
+        first_row = (b0 + lanes) * BLOCK_M
+        expert = tl.sum((ends[None, :] <= first_row[:, None]).to(tl.int32), 1)
+        tl.store(expert_ids_ptr + b0 + lanes, tl.minimum(expert, num_experts - 1),
+                 mask=b0 + lanes < num_blocks)
+    for r0 in range(0, num_rows, CHUNK):
+        tl.store(sorted_ids_ptr + r0 + lanes, tl.zeros((CHUNK,), dtype=tl.int32) + num_pairs,
+                 mask=r0 + lanes < num_rows)
+    tl.debug_barrier()  # the pad fill above lands before the scatter below
+    next_row = ends - padded
+    for c0 in range(0, num_pairs, CHUNK):
+        pairs = c0 + lanes
+        ids = tl.load(ids_ptr + pairs, mask=pairs < num_pairs, other=-1)
+        onehot = (ids.to(tl.int32)[:, None] == experts[None, :]).to(tl.int32)
+        dest = tl.sum(onehot * (tl.cumsum(onehot, 0) - 1 + next_row[None, :]), 1)
+        tl.store(sorted_ids_ptr + dest, pairs, mask=pairs < num_pairs)
+        next_row += tl.sum(onehot, 0)
+
+
+# Above this many (token, expert) pairs the torch ops (parallel over the batch) beat one
+# program's serial chunks.
+_ALIGN_KERNEL_MAX_PAIRS = 1024
+
+
 def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(sorted_ids int32 [R], expert_ids int32 [R // block_m], num_padded int32 [1]).
@@ -89,15 +128,31 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int
     Within an expert's group the pairs keep their order (token, then slot). R = round_up(P +
     min(E, P) * (block_m - 1), block_m) bounds the padded length on the host (each routed-to
     expert adds fewer than block_m pad rows); rows past num_padded hold the pad value P and
-    blocks past it an unused, in-range expert id. No sort and no host sync: a pair's rank in its
-    expert's group is a running count over tokens ([T, E] int32) plus its earlier duplicates
-    within the token (none from a top-k, but they are counted right)."""
+    blocks past it an unused, in-range expert id. No sort and no host sync."""
+    num_pairs = topk_ids.numel()
+    num_blocks = triton.cdiv(num_pairs + min(num_experts, num_pairs) * (block_m - 1), block_m)
+    if num_pairs > _ALIGN_KERNEL_MAX_PAIRS:
+        return _torch_align(topk_ids, num_experts, block_m, num_blocks)
+    dev = topk_ids.device
+    sorted_ids = torch.empty(num_blocks * block_m, dtype=torch.int32, device=dev)
+    expert_ids = torch.empty(num_blocks, dtype=torch.int32, device=dev)
+    num_padded = torch.empty(1, dtype=torch.int32, device=dev)
+    _align_kernel[(1,)](topk_ids.contiguous(), sorted_ids, expert_ids, num_padded,
+                        num_pairs, num_experts, sorted_ids.numel(), num_blocks,
+                        BLOCK_M=block_m, E_P2=triton.next_power_of_2(num_experts), CHUNK=64,
+                        num_warps=4)
+    return sorted_ids, expert_ids, num_padded
+
+
+def _torch_align(topk_ids: torch.Tensor, num_experts: int, block_m: int, num_blocks: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`moe_align` for large batches: a pair's rank in its expert's group is a running count
+    over tokens ([T, E] int32) plus its earlier duplicates within the token (none from a
+    top-k, but they are counted right)."""
     dev = topk_ids.device
     ids = topk_ids.to(torch.int64)
     num_tokens, top_k = ids.shape
     num_pairs = num_tokens * top_k
-    num_blocks = triton.cdiv(num_pairs + min(num_experts, num_pairs) * (block_m - 1), block_m)
-
     per_token = torch.zeros(num_tokens, num_experts, dtype=torch.int32, device=dev)
     per_token.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.int32))
     running = torch.cumsum(per_token, 0, dtype=torch.int32)

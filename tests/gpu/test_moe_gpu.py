@@ -69,10 +69,11 @@ def test_fused_moe_fp16(experts):
     assert rel_err(out, reference(x, w13, w2, weights, ids)) < 1e-2
 
 
-def test_fused_moe_no_host_sync(experts):
+@pytest.mark.parametrize("tokens", [48, 2048])
+def test_fused_moe_no_host_sync(experts, tokens):
     from pagoda.kernels.moe import fused_moe
     w13, w2, top_k, renorm = experts
-    x, weights, ids = make_inputs(48, w13.shape[2], w13.shape[0], top_k, renorm)
+    x, weights, ids = make_inputs(tokens, w13.shape[2], w13.shape[0], top_k, renorm)
     fused_moe(x, w13, w2, weights, ids, SiluAndMul())  # compile outside the check
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -82,10 +83,11 @@ def test_fused_moe_no_host_sync(experts):
         torch.cuda.set_sync_debug_mode("default")
 
 
-def test_fused_moe_cuda_graph_replays_new_routing(experts):
+@pytest.mark.parametrize("tokens", [16, 512])  # the one-program align; torch ops (except Mixtral)
+def test_fused_moe_cuda_graph_replays_new_routing(experts, tokens):
     from pagoda.kernels.moe import fused_moe
     w13, w2, top_k, renorm = experts
-    hidden, num_experts, tokens = w13.shape[2], w13.shape[0], 16
+    hidden, num_experts = w13.shape[2], w13.shape[0]
     x, weights, ids = make_inputs(tokens, hidden, num_experts, top_k, renorm)
     act = SiluAndMul()
     stream = torch.cuda.Stream()

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from pagoda.kernels import moe as moe_kernels
 from pagoda.kernels.moe import fused_moe, moe_align
 from pagoda.layers.activation import GeluAndMul, SiluAndMul
 from pagoda.layers.moe import route, torch_moe
@@ -62,8 +63,11 @@ def test_fused_moe_no_tokens():
     assert fused_moe(x, w13, w2, weights, ids, SiluAndMul()).shape == (0, 32)
 
 
-def test_fused_moe_repeated_expert_in_a_token():
+@pytest.mark.parametrize("align", ["kernel", "torch"])
+def test_fused_moe_repeated_expert_in_a_token(align, monkeypatch):
     """A top-k never repeats an expert, but the kernel adds a repeat like torch_moe does."""
+    if align == "torch":
+        monkeypatch.setattr(moe_kernels, "_ALIGN_KERNEL_MAX_PAIRS", 0)
     x, w13, w2, weights, ids = make_case(11, 8, 3, 32, 16)
     ids[:, 2] = ids[:, 0]
     ids[3] = 5
@@ -74,14 +78,21 @@ def test_fused_moe_repeated_expert_in_a_token():
 
 
 @pytest.mark.parametrize("tokens,experts,top_k,block_m,repeat", [
-    (1, 8, 2, 16, False), (37, 6, 3, 4, False), (20, 128, 8, 16, False), (25, 8, 4, 4, True)])
-def test_moe_align(tokens, experts, top_k, block_m, repeat):
+    (1, 8, 2, 16, False), (37, 6, 3, 4, False), (20, 128, 8, 16, False), (25, 8, 4, 4, True),
+    (300, 60, 4, 16, False)])
+def test_moe_align(tokens, experts, top_k, block_m, repeat, monkeypatch):
+    """The one-program Triton align and the torch ops (large batches) agree exactly, and the
+    layout is right: every pair once, one expert per block, groups padded to block_m."""
     ids = torch.stack([torch.randperm(experts)[:top_k] for _ in range(tokens)])
     ids[: tokens // 2, 0] = 0  # a crowded expert spanning several blocks
     if repeat:
         ids[::3, 1] = ids[::3, 3]
     pairs = tokens * top_k
+    monkeypatch.setattr(moe_kernels, "_ALIGN_KERNEL_MAX_PAIRS", 1 << 30)
     sorted_ids, expert_ids, num_padded = moe_align(ids, experts, block_m)
+    monkeypatch.setattr(moe_kernels, "_ALIGN_KERNEL_MAX_PAIRS", 0)
+    for got, want in zip(moe_align(ids, experts, block_m), (sorted_ids, expert_ids, num_padded)):
+        assert torch.equal(got, want)
     n = int(num_padded)
     counts = torch.bincount(ids.flatten(), minlength=experts)
     assert n == int(((counts + block_m - 1) // block_m * block_m).sum())
