@@ -137,9 +137,10 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int
     sorted_ids = torch.empty(num_blocks * block_m, dtype=torch.int32, device=dev)
     expert_ids = torch.empty(num_blocks, dtype=torch.int32, device=dev)
     num_padded = torch.empty(1, dtype=torch.int32, device=dev)
+    e_p2 = triton.next_power_of_2(num_experts)
     _align_kernel[(1,)](topk_ids.contiguous(), sorted_ids, expert_ids, num_padded,
                         num_pairs, num_experts, sorted_ids.numel(), num_blocks,
-                        BLOCK_M=block_m, E_P2=triton.next_power_of_2(num_experts), CHUNK=64,
+                        BLOCK_M=block_m, E_P2=e_p2, CHUNK=max(16, min(64, 8192 // e_p2)),
                         num_warps=4)
     return sorted_ids, expert_ids, num_padded
 
