@@ -65,3 +65,23 @@ def check_top_logprobs(ref: Reference, completion, label: str) -> None:
             tol = LOGPROB_TOL * max(1.0, abs(expected))
             assert abs(entry.logprob - expected) < tol, (
                 f"{label}: step {step} token {token} logprob {entry.logprob} != {expected}")
+
+
+def check_run(llm, refs: list[Reference], outputs, label: str, setting: str) -> None:
+    """Every output against its reference (at most one near tie per run), then the
+    engine's own evidence that the setting did what it is for."""
+    ties = 0
+    for i, (ref, out) in enumerate(zip(refs, outputs)):
+        completion = out.outputs[0]
+        logprobs = [completion.logprobs[s][t].logprob
+                    for s, t in enumerate(completion.token_ids)]
+        ties += check_close(ref, completion.token_ids, logprobs, f"{label}/{i}")
+        check_top_logprobs(ref, completion, f"{label}/{i}")
+    assert ties <= 1, f"{label}: {ties} near ties: a real numerical difference"
+    scheduler = llm.engine.core.scheduler
+    if setting == "preempt":
+        assert scheduler.num_preemptions > 0, "the small pool should have forced preemption"
+    if setting == "default":
+        assert scheduler.kv.pool.num_hits > 0, "shared prefixes should hit the prefix cache"
+    if not llm.engine.config.cache_config.enable_prefix_caching:
+        assert scheduler.kv.pool.num_hits == 0

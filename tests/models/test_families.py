@@ -11,7 +11,7 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 from pagoda import LLM, SamplingParams
-from tests.models.harness import check_close, check_top_logprobs, hf_greedy, make_prompts
+from tests.models.harness import check_run, hf_greedy, make_prompts
 from tests.utils import make_model
 
 MAX_NEW = 8
@@ -118,19 +118,7 @@ def test_greedy_matches_transformers(checkpoints, family, setting):
     llm = LLM(path, dtype="float32", seed=0, **ENGINE_SETTINGS[setting])
     params = SamplingParams(temperature=0, max_tokens=MAX_NEW, logprobs=TOP, ignore_eos=True)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    ties = 0
-    for i, (ref, out) in enumerate(zip(refs, outputs)):
-        completion, label = out.outputs[0], f"{family}/{setting}/{i}"
-        logprobs = [completion.logprobs[s][t].logprob
-                    for s, t in enumerate(completion.token_ids)]
-        ties += check_close(ref, completion.token_ids, logprobs, label)
-        check_top_logprobs(ref, completion, label)
-    assert ties <= 1, f"{ties} near ties: a real numerical difference"
-    scheduler = llm.engine.core.scheduler
-    if setting == "preempt":
-        assert scheduler.num_preemptions > 0, "the small pool should have forced preemption"
-    if setting == "default":
-        assert scheduler.kv.pool.num_hits > 0, "shared prefixes should hit the prefix cache"
+    check_run(llm, refs, outputs, f"{family}/{setting}", setting)
 
 
 def test_dense_moe_matches_torch_moe():
