@@ -67,19 +67,22 @@ class KVCacheManager:
         blocks.extend(new_blocks)
         if self.enable_caching:
             # Prefix hits are already in the cache map; hashing resumes after them.
-            cached = self.num_cached_blocks.get(request.request_id, 0)
-            self.num_cached_blocks[request.request_id] = max(cached, len(new_computed_blocks))
-            self._cache_full_blocks(request, min(total, request.num_tokens))
+            cached = max(self.num_cached_blocks.get(request.request_id, 0),
+                         len(new_computed_blocks))
+            self.num_cached_blocks[request.request_id] = cached
+            num_full = min(total, request.num_tokens) // self.block_size
+            if num_full > cached:  # most decode steps fill no block: skip the hashing
+                self._cache_full_blocks(request, num_full)
         return new_blocks
 
-    def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:
+    def _cache_full_blocks(self, request: Request, num_full: int) -> None:
         """Registers blocks that will be full once this step's tokens are written. Within a
         step every layer writes the new K/V before attending, so another request scheduled
         in the same step may already read them."""
         self.update_block_hashes(request)
         blocks = self.req_blocks[request.request_id]
-        num_full = min(num_tokens // self.block_size, len(request.block_hashes), len(blocks))
-        start = self.num_cached_blocks.get(request.request_id, 0)
+        num_full = min(num_full, len(request.block_hashes), len(blocks))
+        start = self.num_cached_blocks[request.request_id]
         for i in range(start, num_full):
             self.pool.cache_block(blocks[i], request.block_hashes[i])
         self.num_cached_blocks[request.request_id] = max(start, num_full)

@@ -25,9 +25,10 @@ class ParentState:
     children: dict[int, "ChildState"] = field(default_factory=dict)
     prompt_logprobs: Optional[list] = None
     num_cached_tokens: int = 0
+    num_finished: int = 0  # children with a finish reason (kept, not recounted per output)
 
     def finished(self) -> bool:
-        return all(c.finish_reason is not None for c in self.children.values())
+        return self.num_finished == len(self.children)
 
 
 @dataclass
@@ -44,6 +45,11 @@ class ChildState:
     text: str = ""
     sent_text: int = 0  # characters / tokens already returned in DELTA mode
     sent_tokens: int = 0
+
+    def finish(self, reason: str, stop_reason) -> None:
+        if self.finish_reason is None:
+            self.parent.num_finished += 1
+        self.finish_reason, self.stop_reason = reason, stop_reason
 
 
 class OutputProcessor:
@@ -131,7 +137,8 @@ class OutputProcessor:
             for row in out.new_logprobs:
                 child.logprobs.append(self._logprob_dict(row))
                 child.cumulative_logprob += row[1][0]
-        child.finish_reason, child.stop_reason = out.finish_reason, out.stop_reason
+        if out.finish_reason is not None:
+            child.finish(out.finish_reason, out.stop_reason)
         if child.detok is None:
             return False
         new_text = child.detok.add_tokens(out.new_token_ids)
@@ -143,7 +150,7 @@ class OutputProcessor:
                                    params.include_stop_str_in_output)
             if hit is not None:
                 child.text = child.text[:hit[1]]
-                child.finish_reason, child.stop_reason = "stop", hit[0]
+                child.finish("stop", hit[0])
                 return True
         return False
 
