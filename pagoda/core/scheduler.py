@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Iterable, Optional
 
 from pagoda.config import CacheConfig, SchedulerConfig
@@ -20,17 +19,7 @@ from pagoda.core.kv_cache_manager import KVCacheManager
 from pagoda.core.request import Request, RequestStatus
 from pagoda.core.sched_output import (CachedRequestData, ModelRunnerOutput, NewRequestData,
                                       SchedulerOutput)
-from pagoda.engine.messages import EngineCoreOutput
-
-
-@dataclass
-class SchedulerStats:
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_cache_usage: float = 0.0
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
-    num_preemptions: int = 0
+from pagoda.engine.messages import EngineCoreOutput, EngineCoreStats
 
 
 class Scheduler:
@@ -204,7 +193,7 @@ class Scheduler:
             request.status = status
         return status is not None
 
-    def stats(self) -> SchedulerStats:
+    def stats(self) -> EngineCoreStats:
         pool = self.kv.pool
-        return SchedulerStats(len(self.running), len(self.waiting), pool.usage(),
+        return EngineCoreStats(len(self.running), len(self.waiting), pool.usage(),
                               pool.num_queries, pool.num_hits, self.num_preemptions)

@@ -52,9 +52,7 @@ class CoreLoop:
         return EngineCoreOutputs([], self.stats())
 
     def stats(self) -> EngineCoreStats:
-        s = self.core.stats()
-        return EngineCoreStats(s.num_running, s.num_waiting, s.kv_cache_usage,
-                               s.prefix_cache_queries, s.prefix_cache_hits, s.num_preemptions)
+        return self.core.stats()
 
     def _newly_scheduled(self, step_start: float) -> dict[str, float]:
         if not self.unscheduled:

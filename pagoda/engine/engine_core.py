@@ -9,8 +9,8 @@ import time
 
 from pagoda.config import EngineConfig
 from pagoda.core.request import Request, RequestStatus
-from pagoda.core.scheduler import Scheduler, SchedulerStats
-from pagoda.engine.messages import EngineCoreOutput, EngineCoreRequest
+from pagoda.core.scheduler import Scheduler
+from pagoda.engine.messages import EngineCoreOutput, EngineCoreRequest, EngineCoreStats
 from pagoda.executor.uniproc import UniprocExecutor
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class EngineCore:
         result = self.executor.execute(sched)
         return self.scheduler.update_from_output(sched, result)
 
-    def stats(self) -> SchedulerStats:
+    def stats(self) -> EngineCoreStats:
         return self.scheduler.stats()
 
     def reset_prefix_cache(self) -> bool:
