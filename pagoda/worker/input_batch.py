@@ -16,7 +16,7 @@ import torch
 from pagoda.core.sched_output import CachedRequestData, NewRequestData
 from pagoda import platform
 from pagoda.layers.sampler import (Sampler, SamplerOutput, SamplingMetadata, apply_processors,
-                                   exponential_noise, gather_logprobs)
+                                   draw_exponential, exponential_noise, gather_logprobs)
 from pagoda.sampling_params import SamplingParams
 
 
@@ -45,7 +45,7 @@ def _make_generator(data: NewRequestData, vocab_size: int,
     # A resumed request replays the draws it already made (one vocabulary-sized draw per
     # sampled token), so a seed gives the same text after a preemption too.
     for _ in range(len(data.output_token_ids)):
-        torch.empty(vocab_size, device=device).exponential_(generator=generator)
+        draw_exponential((vocab_size,), device, generator)
     return generator
 
 

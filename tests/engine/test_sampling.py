@@ -142,3 +142,18 @@ def test_detokenize_false_and_skip_tokenizer(tiny_llm):
 def test_impossible_sampling_values_raise(kwargs):
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)
+
+
+def test_seeded_text_survives_preemption(tiny_llama_path):
+    """A preempted request replays its generator's draws when it resumes."""
+    from pagoda import LLM
+    prompts = [{"prompt_token_ids": list(range(3 + i, 40 + i))} for i in range(6)]
+    params = [SamplingParams(temperature=1.0, seed=100 + i, max_tokens=40, ignore_eos=True)
+              for i in range(6)]
+    roomy = LLM(tiny_llama_path, dtype="float32", max_model_len=128)
+    tight = LLM(tiny_llama_path, dtype="float32", max_model_len=128, block_size=8,
+                num_gpu_blocks_override=24)
+    expected = [o.outputs[0].token_ids for o in roomy.generate(prompts, params, use_tqdm=False)]
+    got = [o.outputs[0].token_ids for o in tight.generate(prompts, params, use_tqdm=False)]
+    assert tight.engine.core.scheduler.num_preemptions > 0
+    assert got == expected
