@@ -124,7 +124,9 @@ def make_parser(argv: list[str]) -> argparse.ArgumentParser:
         try:
             from pagoda.benchmarks.cli import add_bench_subparsers
         except ImportError as exc:
-            bench.set_defaults(func=lambda _: sys.exit(f"pagoda bench is unavailable: {exc}"))
+            # `exc` is unbound once the except block ends: keep the message, not the name
+            message = f"pagoda bench is unavailable: {exc}"
+            bench.set_defaults(func=lambda _: sys.exit(message))
         else:
             add_bench_subparsers(bench.add_subparsers(dest="bench_command"))
             bench.set_defaults(func=cmd_bench)
