@@ -4,7 +4,8 @@ Order as in vLLM: raw logprobs are taken from the model's logits before any proc
 then allowed-token masks, logit bias, min_tokens, penalties; then greedy argmax or
 temperature -> min_p -> top-k/top-p -> a draw by the exponential race (argmax of p / q with
 q ~ Exp(1)), which needs no sort and no host sync. Seeded rows draw their noise from their
-own generator, so a seed gives the same text whatever else is in the batch."""
+own generator, so a seed gives the same text whatever else is in the batch. On CUDA the draw
+is the sort-free Triton sampler (kernels/sampling.py), with the same noise."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from typing import Optional
 
 import torch
 from torch import nn
+
+from pagoda import platform
 
 _EPS = 1e-5
 
@@ -50,7 +53,8 @@ class Sampler(nn.Module):
         raw_logprobs = None
         if md.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits, dim=-1)
-        logits = apply_processors(logits.clone(), md)
+        if has_processors(md):
+            logits = apply_processors(logits.clone(), md)
         sampled = self.sample(logits, md)
         if raw_logprobs is None:
             return SamplerOutput(sampled)
@@ -61,6 +65,8 @@ class Sampler(nn.Module):
         greedy = logits.argmax(dim=-1)
         if md.all_greedy:
             return greedy
+        if logits.is_cuda and platform.use_triton_kernels(logits.device):
+            return _kernel_sample(logits.contiguous(), md)
         temperature = md.temperature.clamp(min=_EPS).unsqueeze(1)
         probs = torch.softmax(logits / temperature, dim=-1)
         if md.min_p is not None:
@@ -71,6 +77,23 @@ class Sampler(nn.Module):
         noise = exponential_noise(probs, md.generators)
         random = (probs / noise).argmax(dim=-1)
         return torch.where(md.temperature < _EPS, greedy, random)
+
+
+def _kernel_sample(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    """The sort-free Triton sampler: one launch, no host sync."""
+    from pagoda.kernels.sampling import sample as triton_sample
+    rows, device = logits.shape[0], logits.device
+    top_k = md.top_k if md.top_k is not None else torch.zeros(rows, dtype=torch.int64,
+                                                              device=device)
+    top_p = md.top_p if md.top_p is not None else torch.ones(rows, device=device)
+    min_p = md.min_p if md.min_p is not None else torch.zeros(rows, device=device)
+    noise = exponential_noise(logits, md.generators)
+    return triton_sample(logits, md.temperature, top_k, top_p, min_p, noise)
+
+
+def has_processors(md: SamplingMetadata) -> bool:
+    return bool(md.allowed_token_ids or md.logit_bias or md.banned_tokens
+                or md.repetition_penalty is not None or md.presence_penalty is not None)
 
 
 def apply_processors(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:

@@ -14,9 +14,7 @@ import numpy as np
 import torch
 
 from pagoda.core.sched_output import CachedRequestData, NewRequestData
-from pagoda import platform
-from pagoda.layers.sampler import (Sampler, SamplerOutput, SamplingMetadata, apply_processors,
-                                   draw_exponential, exponential_noise, gather_logprobs)
+from pagoda.layers.sampler import SamplingMetadata, draw_exponential
 from pagoda.sampling_params import SamplingParams
 
 
@@ -224,39 +222,3 @@ class SamplingMetadataCache:
         dynamic = any(s.dynamic_sampling for s in states)
         self._key, self._md = (None, None) if dynamic else (key, md)
         return md
-
-
-# -- sampling on the device -----------------------------------------------------------------
-def _has_processors(md: SamplingMetadata) -> bool:
-    return bool(md.allowed_token_ids or md.logit_bias or md.banned_tokens
-                or md.repetition_penalty is not None or md.presence_penalty is not None)
-
-
-def sample(sampler: Sampler, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
-    """CPU: the PyTorch sampler. CUDA: the same processors, then argmax when every row is
-    greedy, else the sort-free Triton sampler (one launch, no host sync)."""
-    if not logits.is_cuda or not platform.use_triton_kernels(logits.device):
-        return sampler(logits, md)
-    logits = logits.float()
-    raw = torch.log_softmax(logits, dim=-1) if md.max_num_logprobs is not None else None
-    if _has_processors(md):
-        logits = apply_processors(logits, md)  # in place where it can: logits are ours
-    if md.all_greedy:
-        sampled = logits.argmax(dim=-1)
-    else:
-        sampled = _kernel_sample(logits.contiguous(), md)
-    if raw is None:
-        return SamplerOutput(sampled)
-    ids, lps, ranks = gather_logprobs(raw, sampled, md.max_num_logprobs)
-    return SamplerOutput(sampled, ids, lps, ranks)
-
-
-def _kernel_sample(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
-    from pagoda.kernels.sampling import sample as triton_sample
-    rows, device = logits.shape[0], logits.device
-    top_k = md.top_k if md.top_k is not None else torch.zeros(rows, dtype=torch.int64,
-                                                              device=device)
-    top_p = md.top_p if md.top_p is not None else torch.ones(rows, device=device)
-    min_p = md.min_p if md.min_p is not None else torch.zeros(rows, device=device)
-    noise = exponential_noise(logits, md.generators)
-    return triton_sample(logits, md.temperature, top_k, top_p, min_p, noise)

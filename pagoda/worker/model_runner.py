@@ -24,8 +24,7 @@ from pagoda.layers.sampler import Sampler, SamplingMetadata, gather_logprobs
 from pagoda.model_loader.loader import get_model
 from pagoda.worker.cuda_graphs import (CudaGraphRunner, DecodeLookahead, StepBuffers,
                                        capture_sizes, wait_host)
-from pagoda.worker.input_batch import (InputBatch, RequestState, SamplingMetadataCache,
-                                       sample)
+from pagoda.worker.input_batch import InputBatch, RequestState, SamplingMetadataCache
 
 
 @dataclass
@@ -259,7 +258,7 @@ class ModelRunner:
                 and md.max_num_logprobs is None and not self.batch.prompt_lp_reqs)
 
     def sample_logits(self, logits: torch.Tensor, md: SamplingMetadata):
-        return sample(self.sampler, logits, md)
+        return self.sampler(logits, md)
 
     def copy_to_host(self, sampled: torch.Tensor
                       ) -> tuple[torch.Tensor, Optional[torch.cuda.Event]]:
