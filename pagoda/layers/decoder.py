@@ -31,6 +31,15 @@ def hidden_act_of(config: Any) -> str:
             or "silu")
 
 
+def norm_with_residual(norm: nn.Module, hidden: torch.Tensor,
+                       residual: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first layer has no residual yet (the embedding output becomes it); every later
+    layer folds the residual add into its input norm."""
+    if residual is None:
+        return norm(hidden), hidden
+    return norm(hidden, residual)
+
+
 class RotarySelfAttention(nn.Module):
     def __init__(self, config: Any, layer_idx: int, max_position: int, qkv_bias: bool = False,
                  qk_norm: bool = False, o_bias: bool = False,
@@ -103,11 +112,7 @@ class PreNormDecoderLayer(nn.Module):
             bias=getattr(config, "mlp_bias", False))
 
     def forward(self, positions, hidden, residual):
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden, residual = norm_with_residual(self.input_layernorm, hidden, residual)
         hidden = self.self_attn(positions, hidden)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual

@@ -7,7 +7,8 @@ from typing import Any
 
 from torch import nn
 
-from pagoda.layers.decoder import GatedMLP, RotarySelfAttention, hidden_act_of
+from pagoda.layers.decoder import (GatedMLP, RotarySelfAttention, hidden_act_of,
+                                   norm_with_residual)
 from pagoda.layers.layernorm import RMSNorm
 
 
@@ -25,11 +26,7 @@ class SandwichNormDecoderLayer(nn.Module):
         self.mlp = GatedMLP(hidden, config.intermediate_size, hidden_act_of(config))
 
     def forward(self, positions, hidden, residual):
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden, residual = norm_with_residual(self.input_layernorm, hidden, residual)
         hidden = self.post_attention_layernorm(self.self_attn(positions, hidden))
         hidden, residual = self.pre_feedforward_layernorm(hidden, residual)
         return self.post_feedforward_layernorm(self.mlp(hidden)), residual
