@@ -112,9 +112,7 @@ class AsyncLLM:
         self._start_tasks()
         req, prompt_text = self.input_processor.process(request_id, prompt, params,
                                                         arrival_time)
-        if request_id in self.streams:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        core_reqs = fan_out(req, prompt_text, self.output_processor)
+        core_reqs = fan_out(req, prompt_text, self.output_processor)  # rejects a reused id
         stream = RequestStream(self, request_id, params.output_kind)
         self.streams[request_id] = stream
         try:

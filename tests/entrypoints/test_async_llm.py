@@ -203,3 +203,14 @@ def test_periodic_log_line_while_busy(engine_args, caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "pagoda.metrics"]
     assert any("generation throughput" in line and "KV cache usage" in line
                for line in lines)
+
+
+def test_a_request_id_in_use_is_refused(engine_args):
+    async def body(engine):
+        stream = engine.add_request("same", PROMPT, params(RequestOutputKind.FINAL_ONLY))
+        with pytest.raises(ValueError, match="already in use"):
+            engine.add_request("same", PROMPT, params(RequestOutputKind.FINAL_ONLY))
+        return [out async for out in stream]
+
+    outputs = run(engine_args, body)
+    assert outputs[-1].finished and len(outputs[-1].outputs[0].token_ids) == 12
