@@ -13,18 +13,24 @@ from pagoda.layers.layernorm import LayerNorm
 _PREFIX = r"^(transformer\.)?"  # bigscience checkpoints are saved without the prefix
 
 
+# BLOOM's checkpoint names, which Falcon kept (Falcon's new layout adds ln_attn / ln_mlp).
+BIGSCIENCE_SUBSTITUTIONS = (
+    (_PREFIX + r"word_embeddings\.", "model.embed_tokens."),
+    (_PREFIX + r"ln_f\.", "model.norm."),
+    (_PREFIX + r"h\.", "model.layers."),
+    (r"\.(input_layernorm|ln_attn)\.", ".ln_1."),
+    (r"\.(post_attention_layernorm|ln_mlp)\.", ".ln_2."),
+    (r"\.self_attention\.query_key_value\.", ".attn.qkv_proj."),
+    (r"\.self_attention\.dense\.", ".attn.o_proj."),
+    (r"\.mlp\.dense_h_to_4h\.", ".mlp.fc_in."),
+    (r"\.mlp\.dense_4h_to_h\.", ".mlp.fc_out."),
+)
+
+
 class BloomForCausalLM(CausalLM):
     weight_substitutions = (
         (_PREFIX + r"word_embeddings_layernorm\.", "model.embed_norm."),
-        (_PREFIX + r"word_embeddings\.", "model.embed_tokens."),
-        (_PREFIX + r"ln_f\.", "model.norm."),
-        (_PREFIX + r"h\.", "model.layers."),
-        (r"\.input_layernorm\.", ".ln_1."),
-        (r"\.post_attention_layernorm\.", ".ln_2."),
-        (r"\.self_attention\.query_key_value\.", ".attn.qkv_proj."),
-        (r"\.self_attention\.dense\.", ".attn.o_proj."),
-        (r"\.mlp\.dense_h_to_4h\.", ".mlp.fc_in."),
-        (r"\.mlp\.dense_4h_to_h\.", ".mlp.fc_out."),
+        *BIGSCIENCE_SUBSTITUTIONS,
     )
 
     def __init__(self, config: Any, max_position: int):

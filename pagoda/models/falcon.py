@@ -9,22 +9,11 @@ from pagoda.layers.blocks_gpt import (AttnSpec, GPTBlock, GPTStack, PlainMLP, Se
                                       layer_norm_eps)
 from pagoda.layers.decoder import CausalLM
 from pagoda.layers.layernorm import LayerNorm
-
-_PREFIX = r"^(transformer\.)?"
+from pagoda.models.bloom import BIGSCIENCE_SUBSTITUTIONS
 
 
 class FalconForCausalLM(CausalLM):
-    weight_substitutions = (
-        (_PREFIX + r"word_embeddings\.", "model.embed_tokens."),
-        (_PREFIX + r"ln_f\.", "model.norm."),
-        (_PREFIX + r"h\.", "model.layers."),
-        (r"\.(input_layernorm|ln_attn)\.", ".ln_1."),
-        (r"\.(post_attention_layernorm|ln_mlp)\.", ".ln_2."),
-        (r"\.self_attention\.query_key_value\.", ".attn.qkv_proj."),
-        (r"\.self_attention\.dense\.", ".attn.o_proj."),
-        (r"\.mlp\.dense_h_to_4h\.", ".mlp.fc_in."),
-        (r"\.mlp\.dense_4h_to_h\.", ".mlp.fc_out."),
-    )
+    weight_substitutions = BIGSCIENCE_SUBSTITUTIONS
 
     def __init__(self, config: Any, max_position: int):
         hidden, eps = config.hidden_size, layer_norm_eps(config)
