@@ -137,11 +137,11 @@ def stage_llama(out: str) -> dict:
 
 def _no_lookahead_latency(llm, ceilings) -> dict:
     runner = _runner(llm)
-    saved, runner.lookahead = runner.lookahead, False
+    saved, runner.look_ahead = runner.look_ahead, False
     try:
         return _latency(llm, ceilings, SIZES["p1"][0], SIZES["p1"][1] // 2, 1, 1, 2)
     finally:
-        runner.lookahead = saved
+        runner.look_ahead = saved
 
 
 def _eager_latency(llm, ceilings) -> dict:

@@ -33,6 +33,7 @@ from pagoda.kernels.layernorm import fused_add_rms_norm, rms_norm  # noqa: E402
 from pagoda.kernels.paged_attention import paged_attention  # noqa: E402
 from pagoda.kernels.rotary import apply_rotary  # noqa: E402
 from pagoda.kernels.sampling import sample  # noqa: E402
+from pagoda.kernels.skinny_gemm import skinny_gemm  # noqa: E402
 
 DEV, BF = "cuda", torch.bfloat16
 ROWS: list[tuple[str, float, str]] = []
@@ -175,6 +176,41 @@ def bench_sampling(copy_gbs: float):
                copy_gbs=copy_gbs)
 
 
+# Decode projections (N, K): Llama-3.1-8B qkv, o, gate_up, down, lm_head; Qwen3-0.6B qkv, o,
+# gate_up, down.
+SKINNY_SHAPES = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096),
+                 (4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072))
+SKINNY_CONFIGS = [dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
+                  for bn in (16, 32, 64) for bk in (128, 256, 512)
+                  for nw, ns in ((4, 4), (8, 3))]
+
+
+def bench_skinny(copy_gbs: float, rows=(1, 8), configs=None):
+    """Skinny GEMM vs cuBLAS. Each timed call walks several weight copies (> 150 MB in all), so
+    the weights come from HBM as in a model's layer stack, not from the 50 MB L2."""
+    for n, k in SKINNY_SHAPES:
+        copies = max(1, min(8, -(-150 * 2**20 // (n * k * 2))))
+        weights = [torch.randn(n, k, device=DEV, dtype=BF) / 64 for _ in range(copies)]
+        nbytes = n * k * 2
+        for m in rows:
+            x = torch.randn(m, k, device=DEV, dtype=BF)
+            ref = torch.nn.functional.linear(x, weights[0])
+            torch.testing.assert_close(skinny_gemm(x, weights[0]), ref, rtol=2e-2, atol=2e-2)
+            ms = bench(lambda: [torch.nn.functional.linear(x, w) for w in weights]) / copies
+            record(f"cublas M={m} N={n} K={k}", ms, nbytes, copy_gbs=copy_gbs)
+            best = None
+            for cfg in configs or [None]:
+                try:
+                    ms = bench(lambda: [skinny_gemm(x, w, config=cfg) for w in weights]) / copies
+                except triton.runtime.errors.OutOfResources:
+                    continue
+                if best is None or ms < best[0]:
+                    best = (ms, cfg)
+            record(f"skinny M={m} N={n} K={k} best {best[1]}", best[0], nbytes,
+                   copy_gbs=copy_gbs)
+        del weights
+
+
 def tuning_sweep(copy_gbs: float):
     """Tile shapes for the attention kernel alone (keys block_m, tile_n, num_warps, num_stages)."""
     for bm, tn, nw, ns in ((64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 8, 3),
@@ -195,6 +231,9 @@ def main():
           f"triton {triton.__version__}", flush=True)
     torch.manual_seed(0)
     copy_gbs = copy_rate()
+    if "--skinny" in sys.argv:  # the projection GEMMs only (with the config sweep)
+        bench_skinny(copy_gbs, configs=SKINNY_CONFIGS)
+        return _save()
     for batch, ctx in ((1, 4096), (1, 32768), (8, 8192), (64, 2048), (256, 1024), (256, 4096)):
         bench_attention(copy_gbs, "decode", batch, ctx, 1)
     bench_attention(copy_gbs, "decode EAGER", 64, 2048, 1, graph=False)
@@ -208,7 +247,12 @@ def main():
     bench_attention(copy_gbs, "chunked prefill", 4, 4096, 512)
     bench_small_kernels(copy_gbs)
     bench_sampling(copy_gbs)
+    bench_skinny(copy_gbs, rows=(1, 8, 16))
     tuning_sweep(copy_gbs)
+    _save()
+
+
+def _save():
     if os.environ.get("OUT"):  # the device machine's result folder
         with open(os.path.join(os.environ["OUT"], "kernels_bench.txt"), "w") as f:
             f.writelines(f"{name:58s} {text}\n" for name, _, text in ROWS)

@@ -21,6 +21,8 @@ NT=8 beats 16 (work ~ NT / log2(NT) for the same resolution).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -189,6 +191,69 @@ def _sample_kernel(
         best_idx = tl.where(take, cols, best_idx)
         best = tl.where(take, score, best)
     tl.store(out_ptr + row, _lane_argmax(best, best_idx, V).to(tl.int64))
+
+
+@triton.jit
+def _chunk_best_kernel(logits_ptr, q_ptr, temp_ptr, best_ptr, idx_ptr, V, stride_l, stride_q,
+                       greedy_eps, NUM_CHUNKS: tl.constexpr, CHUNK: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """Best (score, first index) of one vocabulary chunk of one row: the raw logit for greedy
+    rows, logit / temperature - log(q) otherwise (Gumbel-max without the row max, which
+    does not move the argmax)."""
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    temp = tl.load(temp_ptr + row).to(tl.float32)
+    greedy = temp < greedy_eps
+    inv_temp = 1.0 / tl.where(greedy, 1.0, temp)
+    best = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_idx = tl.zeros([BLOCK], tl.int32)
+    for start in range(chunk * CHUNK, chunk * CHUNK + CHUNK, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        cmask = cols < V
+        score = tl.load(logits_ptr + row * stride_l + cols, mask=cmask, other=float("-inf"))
+        if not greedy:
+            q = tl.load(q_ptr + row * stride_q + cols, mask=cmask, other=1.0)
+            score = score * inv_temp - tl.log(q)
+        take = score > best
+        best_idx = tl.where(take, cols, best_idx)
+        best = tl.where(take, score, best)
+    m = tl.max(best, 0)
+    tl.store(best_ptr + row * NUM_CHUNKS + chunk, m)
+    tl.store(idx_ptr + row * NUM_CHUNKS + chunk, tl.min(tl.where(best == m, best_idx, V), 0))
+
+
+@triton.jit
+def _pick_chunk_kernel(best_ptr, idx_ptr, out_ptr, NUM_CHUNKS: tl.constexpr,
+                       CHUNKS_P2: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, CHUNKS_P2)
+    best = tl.load(best_ptr + row * NUM_CHUNKS + c, mask=c < NUM_CHUNKS, other=float("-inf"))
+    idx = tl.load(idx_ptr + row * NUM_CHUNKS + c, mask=c < NUM_CHUNKS, other=2**30)
+    m = tl.max(best, 0)
+    tl.store(out_ptr + row, tl.min(tl.where(best == m, idx, 2**30), 0).to(tl.int64))
+
+
+def sample_plain(logits: torch.Tensor, temperature: torch.Tensor,
+                 q: Optional[torch.Tensor], chunk: int = 8192) -> torch.Tensor:
+    """Greedy or plain temperature sampling (no top-k, top-p or min-p in the batch): the
+    vocabulary is split over programs, so a few rows still fill the GPU (one program per row
+    walked 128k logits in ~55 us at batch 1). q None: every row is greedy (temperature 0)."""
+    num_rows, vocab = logits.shape
+    assert logits.stride(-1) == 1 and (q is None or q.stride(-1) == 1)
+    out = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
+    if num_rows == 0:
+        return out
+    chunk = min(chunk, triton.next_power_of_2(vocab))
+    num_chunks = triton.cdiv(vocab, chunk)
+    best = torch.empty(num_rows, num_chunks, dtype=torch.float32, device=logits.device)
+    idx = torch.empty(num_rows, num_chunks, dtype=torch.int32, device=logits.device)
+    _chunk_best_kernel[(num_rows, num_chunks)](
+        logits, q if q is not None else logits, temperature, best, idx, vocab,
+        logits.stride(0), q.stride(0) if q is not None else 0, _GREEDY_EPS,
+        NUM_CHUNKS=num_chunks, CHUNK=chunk, BLOCK=min(chunk, 1024), num_warps=4)
+    _pick_chunk_kernel[(num_rows,)](best, idx, out, NUM_CHUNKS=num_chunks,
+                                    CHUNKS_P2=triton.next_power_of_2(num_chunks))
+    return out
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,

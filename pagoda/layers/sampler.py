@@ -62,11 +62,11 @@ class Sampler(nn.Module):
         return SamplerOutput(sampled, ids, lps, ranks)
 
     def sample(self, logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+        if logits.is_cuda and platform.use_triton_kernels(logits.device):
+            return _kernel_sample(logits.contiguous(), md)
         greedy = logits.argmax(dim=-1)
         if md.all_greedy:
             return greedy
-        if logits.is_cuda and platform.use_triton_kernels(logits.device):
-            return _kernel_sample(logits.contiguous(), md)
         temperature = md.temperature.clamp(min=_EPS).unsqueeze(1)
         probs = torch.softmax(logits / temperature, dim=-1)
         if md.min_p is not None:
@@ -80,8 +80,14 @@ class Sampler(nn.Module):
 
 
 def _kernel_sample(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
-    """The sort-free Triton sampler: one launch, no host sync."""
+    """The Triton samplers, with no host sync: a vocabulary-parallel argmax when no row
+    truncates the distribution, else the sort-free top-k/top-p/min-p kernel."""
     from pagoda.kernels.sampling import sample as triton_sample
+    from pagoda.kernels.sampling import sample_plain
+    if md.all_greedy:
+        return sample_plain(logits, md.temperature, None)
+    if md.top_k is None and md.top_p is None and md.min_p is None:
+        return sample_plain(logits, md.temperature, exponential_noise(logits, md.generators))
     rows, device = logits.shape[0], logits.device
     top_k = md.top_k if md.top_k is not None else torch.zeros(rows, dtype=torch.int64,
                                                               device=device)

@@ -92,3 +92,19 @@ def test_sampling_distribution():
     want = torch.softmax(logits[0, :4], -1)
     assert freq[4:].sum() == 0
     torch.testing.assert_close(freq[:4], want, atol=0.09, rtol=0)
+
+
+@pytest.mark.parametrize("chunk", [64, 8192])  # many vocabulary chunks per row, or one
+def test_plain_sampling_matches_reference(chunk):
+    from pagoda.kernels.sampling import sample_plain
+    rows = [(0.0, 0, 1.0, 0.0), (1.0, 0, 1.0, 0.0), (0.6, 0, 1.0, 0.0), (1e-6, 0, 1.0, 0.0)]
+    temp, top_k, top_p, min_p = params(rows)
+    logits = torch.randn(len(rows), 1000) * 3
+    logits[0, 700] = logits[0, 900] = 50.0  # a tie in two chunks: the first index wins
+    logits[2, :500] = float("-inf")  # banned tokens never win
+    q = torch.empty_like(logits).exponential_()
+    got = sample_plain(logits, temp, q, chunk=chunk)
+    assert got.tolist() == ref_sample(logits, temp, top_k, top_p, min_p, q).tolist()
+    assert got[0] == 700 and got[2] >= 500
+    greedy = sample_plain(logits, torch.zeros(len(rows)), None, chunk=chunk)
+    assert greedy.tolist() == logits.argmax(-1).tolist()

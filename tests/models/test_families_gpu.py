@@ -24,7 +24,10 @@ GPU_LOGPROB_TOL = 2e-3
 
 def _run(path, prompts, dtype):
     from pagoda import LLM, SamplingParams
-    llm = LLM(path, dtype=dtype, device="cuda", seed=0, max_model_len=128, max_num_seqs=8)
+    # A fixed 64 MiB KV cache instead of a share of the GPU: several test processes can then
+    # share the device (pytest -n; most of this test's time is Triton compiling on the host).
+    llm = LLM(path, dtype=dtype, device="cuda", seed=0, max_model_len=128, max_num_seqs=8,
+              kv_cache_memory_bytes=64 * 2**20)
     params = SamplingParams(temperature=0, max_tokens=MAX_NEW, logprobs=0, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     del llm

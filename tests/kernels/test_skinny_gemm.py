@@ -1,0 +1,50 @@
+"""The skinny (decode-row) GEMM against torch.nn.functional.linear, under the interpreter."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pagoda.kernels.skinny_gemm import beats_cublas, skinny_gemm
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 48, 64), (7, 40, 100), (16, 64, 256), (3, 33, 520)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_matches_linear(m, n, k, with_bias):
+    x, w = torch.randn(m, k), torch.randn(n, k)
+    bias = torch.randn(n) if with_bias else None
+    torch.testing.assert_close(skinny_gemm(x, w, bias), F.linear(x, w, bias),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_keeps_leading_dims_and_strided_rows():
+    x = torch.randn(2, 3, 2 * 64)[..., ::2]  # a non-unit stride on K: copied first
+    w = torch.randn(32, 64)
+    out = skinny_gemm(x, w, config=dict(block_n=16, block_k=32, num_warps=4, num_stages=2))
+    assert out.shape == (2, 3, 32)
+    torch.testing.assert_close(out, F.linear(x, w), atol=1e-4, rtol=1e-4)
+
+
+def test_zero_rows_and_too_many_rows():
+    w = torch.randn(16, 32)
+    assert skinny_gemm(torch.randn(0, 32), w).shape == (0, 16)
+    with pytest.raises(ValueError):
+        skinny_gemm(torch.randn(17, 32), w)
+
+
+def test_dispatch_rule():
+    assert beats_cublas(1, 4096, torch.bfloat16) and beats_cublas(16, 6144, torch.float16)
+    assert not beats_cublas(17, 4096, torch.bfloat16)  # prefill and big decode batches
+    assert not beats_cublas(1, 28672, torch.bfloat16)  # gate_up: cuBLAS is at the roofline
+    assert not beats_cublas(1, 4096, torch.float32)
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh"])
+def test_gated_activation_folded_in(act):
+    from pagoda.kernels.activation import gelu_and_mul, silu_and_mul
+    x, w = torch.randn(5, 2 * 96) * 3, torch.randn(24, 96)
+    gated = silu_and_mul(x) if act == "silu" else gelu_and_mul(
+        x, "none" if act == "gelu" else "tanh")
+    torch.testing.assert_close(skinny_gemm(x, w, gated_act=act), F.linear(gated, w),
+                               atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError):
+        skinny_gemm(x, w)  # 192 features against a weight of 96
