@@ -49,8 +49,10 @@ class AttentionBackend(Protocol):
     def build_metadata(self, common: CommonAttentionMetadata) -> Any: ...
 
     def forward(self, layer: AttentionLayerSpec, q: torch.Tensor, k: torch.Tensor,
-                v: torch.Tensor, kv_cache: Optional[torch.Tensor], metadata: Any
-                ) -> torch.Tensor: ...
+                v: torch.Tensor, kv_cache: Optional[torch.Tensor], metadata: Any,
+                rotary: Optional[tuple] = None) -> torch.Tensor:
+        """q [T, H, D], k/v [T, Hkv, D]. rotary: (RotaryEmbedding, positions) to apply to q
+        and k before anything else (a backend may fuse it with the KV-cache write)."""
 
 
 _BACKENDS = {

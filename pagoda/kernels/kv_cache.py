@@ -3,6 +3,10 @@
 Cache layout per layer: [2, num_blocks, block_size, num_kv_heads, head_dim]; slot s lives at
 block s // block_size, offset s % block_size. A slot of -1 marks a padding token (CUDA-graph
 batches are padded) and is skipped, so the padded tail never touches a real block.
+
+`rope_and_write_kv` also applies the rotary embedding: q is rotated in place and k is rotated
+on its way into the cache (one launch per layer instead of two; the attention kernel reads
+every key from the cache). The arithmetic and roundings are the rotary kernel's.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from pagoda.kernels.rotary import _rotate_heads
 
 
 @triton.jit
@@ -52,4 +58,83 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
         block_size, num_kv_heads, head_dim,
         HEADS_P2=triton.next_power_of_2(num_kv_heads),
         DIM_P2=triton.next_power_of_2(head_dim),
+    )
+
+
+@triton.jit
+def _rotated_k(k_base, cos_sin_base, d, mask, half, IS_NEOX: tl.constexpr):
+    """One token's k heads [HEADS, DIM] with the first 2 * half channels rotated: each
+    channel pairs with its partner (d +- half, or d ^ 1 interleaved) as in _rotate_heads."""
+    rot = d < 2 * half
+    if IS_NEOX:
+        first = d < half
+        partner = tl.where(first, d + half, d - half)
+        c = tl.where(first, d, d - half)
+    else:
+        first = d % 2 == 0
+        partner = tl.where(first, d + 1, d - 1)
+        c = d // 2
+    partner = tl.where(rot, partner, d)
+    c = tl.where(rot, c, 0)
+    x = tl.load(k_base + d, mask=mask, other=0.0).to(tl.float32)
+    xp = tl.load(k_base + partner, mask=mask, other=0.0).to(tl.float32)
+    cos = tl.load(cos_sin_base + c, mask=rot, other=0.0).to(tl.float32)
+    sin = tl.load(cos_sin_base + half + c, mask=rot, other=0.0).to(tl.float32)
+    rotated = tl.where(first, x * cos - xp * sin, x * cos + xp * sin)
+    return tl.where(rot, rotated, x)
+
+
+@triton.jit
+def _rope_write_kv_kernel(
+    pos_ptr, q_ptr, k_ptr, v_ptr, cos_sin_ptr, cache_ptr, slot_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs,
+    stride_c_kv, stride_c_blk, stride_c_slot, stride_c_head,
+    block_size, num_q_heads, num_kv_heads, head_dim, half,
+    QH_P2: tl.constexpr, KH_P2: tl.constexpr, DIM_P2: tl.constexpr, HALF_P2: tl.constexpr,
+    IS_NEOX: tl.constexpr,
+):
+    tok = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + tok).to(tl.int64)
+    cos_sin_base = cos_sin_ptr + pos * stride_cs
+    i = tl.arange(0, HALF_P2)[None, :]
+    cos = tl.load(cos_sin_base + i, mask=i < half, other=0.0).to(tl.float32)
+    sin = tl.load(cos_sin_base + half + i, mask=i < half, other=0.0).to(tl.float32)
+    _rotate_heads(q_ptr, stride_qt, stride_qh, tok, num_q_heads, cos, sin, half,
+                  QH_P2, HALF_P2, IS_NEOX)
+    slot = tl.load(slot_ptr + tok)
+    if slot < 0:  # padding token: q is rotated (harmless), nothing is written
+        return
+    h = tl.arange(0, KH_P2)[:, None]
+    d = tl.arange(0, DIM_P2)[None, :]
+    mask = (h < num_kv_heads) & (d < head_dim)
+    k_base = k_ptr + tok * stride_kt + h * stride_kh
+    k = _rotated_k(k_base, cos_sin_base, d, mask, half, IS_NEOX)
+    v = tl.load(v_ptr + tok * stride_vt + h * stride_vh + d, mask=mask)
+    dst = cache_ptr + (slot // block_size) * stride_c_blk + (slot % block_size) * stride_c_slot \
+        + h * stride_c_head + d
+    ty = cache_ptr.dtype.element_ty
+    tl.store(dst, k.to(k_ptr.dtype.element_ty).to(ty), mask=mask)
+    tl.store(dst + stride_c_kv, v.to(ty), mask=mask)
+
+
+def rope_and_write_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                      v: torch.Tensor, cos_sin_cache: torch.Tensor, is_neox: bool,
+                      kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """q [T, H, D] rotated in place; k rotated into the cache with v; k itself is left as
+    it was. positions int [T]; cos_sin_cache [max_pos, rot_dim] as the rotary kernel's."""
+    num_tokens, num_kv_heads, head_dim = k.shape
+    if num_tokens == 0:
+        return
+    assert q.stride(2) == 1 and k.stride(2) == 1 and v.stride(2) == 1
+    assert kv_cache.stride(4) == 1 and cos_sin_cache.stride(-1) == 1
+    half = cos_sin_cache.shape[-1] // 2
+    _rope_write_kv_kernel[(num_tokens,)](
+        positions, q, k, v, cos_sin_cache, kv_cache, slot_mapping,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        cos_sin_cache.stride(0),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        kv_cache.shape[2], q.shape[1], num_kv_heads, head_dim, half,
+        QH_P2=triton.next_power_of_2(q.shape[1]), KH_P2=triton.next_power_of_2(num_kv_heads),
+        DIM_P2=triton.next_power_of_2(head_dim), HALF_P2=triton.next_power_of_2(half),
+        IS_NEOX=is_neox,
     )

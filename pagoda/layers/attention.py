@@ -26,13 +26,17 @@ class Attention(nn.Module):
         else:
             self.alibi_slopes = None
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q: [T, H*D], k/v: [T, Hkv*D] -> [T, H*D]."""
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                rope: Optional[nn.Module] = None,
+                positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """q: [T, H*D], k/v: [T, Hkv*D] -> [T, H*D]. rope (a RotaryEmbedding) rotates q and k
+        at `positions` first; the backend may fuse that into its KV-cache write."""
         ctx = get_forward_context()
         num_tokens = q.shape[0]
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         kv_cache = ctx.kv_caches[self.layer_idx] if ctx.kv_caches is not None else None
-        out = ctx.backend.forward(self, q, k, v, kv_cache, ctx.attn_metadata)
+        rotary = (rope, positions) if rope is not None else None
+        out = ctx.backend.forward(self, q, k, v, kv_cache, ctx.attn_metadata, rotary)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)

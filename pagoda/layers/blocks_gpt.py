@@ -121,11 +121,7 @@ class SelfAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], -1)
-        if self.rotary_emb is not None:
-            q, k = self.rotary_emb(positions, q.reshape(-1, self.num_heads, self.head_dim),
-                                   k.reshape(-1, self.num_kv_heads, self.head_dim))
-            q, k = q.reshape(-1, self.q_size), k.reshape(-1, self.kv_size)
-        return self.o_proj(self.attn(q, k, v))
+        return self.o_proj(self.attn(q, k, v, self.rotary_emb, positions))
 
 
 class PlainMLP(nn.Module):

@@ -76,8 +76,8 @@ class RotarySelfAttention(nn.Module):
             k = self.k_norm(k.reshape(-1, self.num_kv_heads, self.head_dim))
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary_emb(positions, q, k)
-        out = self.attn(q.reshape(-1, self.q_size), k.reshape(-1, self.kv_size), v)
+        out = self.attn(q.reshape(-1, self.q_size), k.reshape(-1, self.kv_size), v,
+                        self.rotary_emb, positions)
         return self.o_proj(out)
 
 

@@ -61,7 +61,7 @@ def make_batch(seqs, block_size, num_blocks, pad_tokens=0, pad_reqs=0):
 
 
 def run_both(layer, seqs, block_size=16, splits=None, pad_tokens=0, pad_reqs=0,
-             with_cache=True, tile_n=16):
+             with_cache=True, tile_n=16, rope=None):
     h, hkv, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
     num_blocks = sum(-(-(c + n) // block_size) for c, n in seqs) + 3
     meta = make_batch(seqs, block_size, num_blocks, pad_tokens, pad_reqs)
@@ -80,8 +80,15 @@ def run_both(layer, seqs, block_size=16, splits=None, pad_tokens=0, pad_reqs=0,
         cache_tri = cache_ref.clone()
     ref = TorchRefBackend()
     tri = TritonBackend(force_splits=splits, tile_n=tile_n)
-    out_ref = ref.forward(layer, q, k, v, cache_ref, ref.build_metadata(meta))
-    out_tri = tri.forward(layer, q, k, v, cache_tri, tri.build_metadata(meta))
+    rotary = None
+    if rope is not None:  # each token at its place after its sequence's context
+        positions = torch.cat([torch.arange(c, c + n) for c, n in seqs]
+                              + [torch.zeros(pad_tokens, dtype=torch.int64)])
+        rotary = (rope, positions)
+    out_ref = ref.forward(layer, q, k, v, cache_ref, ref.build_metadata(meta), rotary)
+    # The Triton backend rotates q in place when it fuses the rotation into the KV write.
+    out_tri = tri.forward(layer, q.clone(), k.clone(), v, cache_tri, tri.build_metadata(meta),
+                          rotary)
     n = meta.num_actual_tokens
     torch.testing.assert_close(out_tri[:n], out_ref[:n], atol=2e-5, rtol=2e-5)
     if with_cache:
@@ -149,6 +156,16 @@ def test_cuda_graph_padding():
     # padded tokens (slot -1) and padded empty requests must be ignored
     run_both(make_layer(4, 2, 32), [(10, 1), (4, 1), (22, 1)], pad_tokens=5, pad_reqs=2)
     run_both(make_layer(4, 2, 32), [(10, 1), (30, 1)], pad_tokens=2, pad_reqs=2, splits=2)
+
+
+@pytest.mark.parametrize("neox,rotary_dim", [(True, 32), (False, 32), (True, 16)])
+def test_rotary_fused_into_kv_write(neox, rotary_dim):
+    from types import SimpleNamespace
+    from pagoda.layers.rotary import RotaryEmbedding
+    rope = RotaryEmbedding(SimpleNamespace(rope_theta=10000.0), 32, rotary_dim, 64, neox)
+    run_both(make_layer(4, 2, 32), MIX, rope=rope)  # prefill, chunks, decode: cache equal
+    run_both(make_layer(4, 2, 32), [(10, 1), (30, 1)], pad_tokens=3, pad_reqs=1, rope=rope)
+    run_both(make_layer(4, 2, 32), [(0, 9), (0, 3)], with_cache=False, rope=rope)
 
 
 def test_profiling_run_without_cache():

@@ -30,3 +30,22 @@ def test_write_from_strided_views():
     ref_write(k, v, want, slots)
     write_kv_cache(k, v, cache, slots)
     assert torch.equal(cache, want)
+
+
+@pytest.mark.parametrize("neox", [True, False])
+@pytest.mark.parametrize("rot_dim", [32, 16])  # full and partial rotary
+def test_rope_and_write_matches_rotary_then_write(neox, rot_dim):
+    from pagoda.kernels.kv_cache import rope_and_write_kv
+    from pagoda.kernels.rotary import apply_rotary
+    t, h, hkv, d = 5, 4, 2, 32
+    q, k, v = torch.randn(t, h, d), torch.randn(t, hkv, d), torch.randn(t, hkv, d)
+    positions, cos_sin = torch.tensor([0, 3, 7, 1, 20]), torch.randn(64, rot_dim)
+    slots = torch.tensor([0, 5, -1, 9, 23])  # one padding token
+    want_cache, cache = torch.zeros(2, 6, 4, hkv, d), torch.zeros(2, 6, 4, hkv, d)
+    want_q, want_k = q.clone(), k.clone()
+    apply_rotary(positions, want_q, want_k, cos_sin, neox)
+    write_kv_cache(want_k, v, want_cache, slots)
+    got_q, k_in = q.clone(), k.clone()
+    rope_and_write_kv(positions, got_q, k_in, v, cos_sin, neox, cache, slots)
+    assert torch.equal(got_q, want_q) and torch.equal(cache, want_cache)
+    assert torch.equal(k_in, k)  # k itself is not rotated: the cache holds the rotated keys

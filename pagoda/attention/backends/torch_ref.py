@@ -89,7 +89,11 @@ class TorchRefBackend:
 
     def forward(self, layer: AttentionLayerSpec, q: torch.Tensor, k: torch.Tensor,
                 v: torch.Tensor, kv_cache: Optional[torch.Tensor],
-                metadata: CommonAttentionMetadata) -> torch.Tensor:
+                metadata: CommonAttentionMetadata,
+                rotary: Optional[tuple] = None) -> torch.Tensor:
+        if rotary is not None:
+            rope, positions = rotary
+            q, k = rope(positions, q, k)
         num_tokens = metadata.num_actual_tokens
         q, k, v = q[:num_tokens], k[:num_tokens], v[:num_tokens]
         if kv_cache is not None:

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from pagoda.attention.backend import AttentionLayerSpec, CommonAttentionMetadata
-from pagoda.kernels.kv_cache import write_kv_cache
+from pagoda.kernels.kv_cache import rope_and_write_kv, write_kv_cache
 from pagoda.kernels.paged_attention import paged_attention
 
 # Split-KV pays off only when one program per (sequence, KV head) leaves most SMs idle and each
@@ -67,8 +67,13 @@ class TritonBackend:
 
     def forward(self, layer: AttentionLayerSpec, q: torch.Tensor, k: torch.Tensor,
                 v: torch.Tensor, kv_cache: Optional[torch.Tensor],
-                metadata: TritonAttentionMetadata) -> torch.Tensor:
+                metadata: TritonAttentionMetadata,
+                rotary: Optional[tuple] = None) -> torch.Tensor:
         common = metadata.common
+        fuse_rotary = rotary is not None and kv_cache is not None
+        if rotary is not None and not fuse_rotary:
+            rope, positions = rotary
+            q, k = rope(positions, q, k)
         out = torch.empty_like(q)
         if q.shape[0] == 0 or common.num_reqs == 0:
             return out
@@ -80,7 +85,12 @@ class TritonBackend:
             # Padded tokens carry slot -1 and are skipped by the kernel, so the whole
             # (possibly CUDA-graph padded) batch is passed without slicing on the host.
             n = min(k.shape[0], common.slot_mapping.shape[0])
-            write_kv_cache(k[:n], v[:n], kv_cache, common.slot_mapping[:n])
+            if fuse_rotary:  # q rotated in place, k rotated on its way into the cache
+                rope, positions = rotary
+                rope_and_write_kv(positions[:n], q[:n], k[:n], v[:n], rope.cos_sin_cache,
+                                  rope.is_neox_style, kv_cache, common.slot_mapping[:n])
+            else:
+                write_kv_cache(k[:n], v[:n], kv_cache, common.slot_mapping[:n])
             key, value, block_table = kv_cache[0], kv_cache[1], common.block_table
             splits = metadata.num_splits(layer.num_kv_heads)
         paged_attention(
