@@ -103,7 +103,11 @@ def _latency(llm, ceilings, input_len, output_len, batch, warmup, iters) -> dict
 
 
 def _guarded(result: dict, out: str, name: str, fn) -> None:
-    """Runs one piece; a failure is logged and the later pieces still run. Saves as it goes."""
+    """Runs one piece; a failure is logged and the later pieces still run. Saves as it goes.
+    SUITE_ONLY (space-separated piece names, e.g. "p1 p2 graph_gpu_ms") skips the others."""
+    only = os.environ.get("SUITE_ONLY")
+    if only and name not in only.split():
+        return
     try:
         result[name] = fn()
     except Exception:

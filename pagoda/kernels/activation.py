@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-ACTS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}  # the kernels' ACT codes
+_ACTS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 
 
 @triton.jit
@@ -51,7 +51,7 @@ def _act_and_mul(x: torch.Tensor, act: str) -> torch.Tensor:
     block = min(triton.next_power_of_2(d), 1024)
     grid = (n_rows, triton.cdiv(d, block))
     _act_and_mul_kernel[grid](x2d, out.view(-1, d), x2d.stride(0), d, d,
-                              ACT=ACTS[act], BLOCK=block)
+                              ACT=_ACTS[act], BLOCK=block)
     return out
 
 

@@ -10,8 +10,6 @@ from pagoda import platform
 
 
 class SiluAndMul(nn.Module):
-    kernel_name = "silu"  # the fused kernels' name for it (kernels/activation.py ACTS)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and platform.use_triton_kernels(x.device):
             from pagoda.kernels.activation import silu_and_mul
@@ -24,7 +22,6 @@ class GeluAndMul(nn.Module):
     def __init__(self, approximate: str = "none"):
         super().__init__()
         self.approximate = approximate
-        self.kernel_name = "gelu" if approximate == "none" else "gelu_tanh"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d = x.shape[-1] // 2

@@ -91,7 +91,7 @@ class GatedMLP(nn.Module):
         self.act_fn = get_gated_act_fn(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.gate_up_proj(x), gated_act=self.act_fn)
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
 class PreNormDecoderLayer(nn.Module):

@@ -28,20 +28,13 @@ class UnquantizedLinearMethod:
     def process_weights_after_loading(self, layer: "LinearBase") -> None:
         pass
 
-    def apply(self, layer: "LinearBase", x: torch.Tensor, bias: Optional[torch.Tensor],
-              gated_act: Optional[nn.Module] = None) -> torch.Tensor:
-        """gated_act: x is [gate | up] and the layer multiplies gated_act(x); decode rows on
-        CUDA fold a kernel-known activation into the skinny GEMM (one launch fewer)."""
+    def apply(self, layer: "LinearBase", x: torch.Tensor,
+              bias: Optional[torch.Tensor]) -> torch.Tensor:
         if x.is_cuda and platform.use_triton_kernels(x.device):
             from pagoda.kernels import skinny_gemm
             rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
             if skinny_gemm.beats_cublas(rows, layer.weight.shape[0], x.dtype):
-                fused = getattr(gated_act, "kernel_name", None)
-                if gated_act is not None and fused is None:
-                    x = gated_act(x)
-                return skinny_gemm.skinny_gemm(x, layer.weight, bias, gated_act=fused)
-        if gated_act is not None:
-            x = gated_act(x)
+                return skinny_gemm.skinny_gemm(x, layer.weight, bias)
         return F.linear(x, layer.weight, bias)
 
 
@@ -157,10 +150,9 @@ class RowParallelLinear(LinearBase):
         size = param.data.shape[1]
         _copy_checked(param.data, loaded.narrow(1, self.tp_rank * size, size), self)
 
-    def forward(self, x: torch.Tensor, gated_act: Optional[nn.Module] = None) -> torch.Tensor:
-        """gated_act: see UnquantizedLinearMethod.apply (the MLP's down projection)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias if self.tp_rank == 0 else None
-        out = self.quant_method.apply(self, x, None, gated_act)
+        out = self.quant_method.apply(self, x, None)
         out = all_reduce(out)
         return out + bias if bias is not None else out
 

@@ -36,15 +36,3 @@ def test_dispatch_rule():
     assert not beats_cublas(17, 4096, torch.bfloat16)  # prefill and big decode batches
     assert not beats_cublas(1, 28672, torch.bfloat16)  # gate_up: cuBLAS is at the roofline
     assert not beats_cublas(1, 4096, torch.float32)
-
-
-@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh"])
-def test_gated_activation_folded_in(act):
-    from pagoda.kernels.activation import gelu_and_mul, silu_and_mul
-    x, w = torch.randn(5, 2 * 96) * 3, torch.randn(24, 96)
-    gated = silu_and_mul(x) if act == "silu" else gelu_and_mul(
-        x, "none" if act == "gelu" else "tanh")
-    torch.testing.assert_close(skinny_gemm(x, w, gated_act=act), F.linear(gated, w),
-                               atol=1e-4, rtol=1e-4)
-    with pytest.raises(ValueError):
-        skinny_gemm(x, w)  # 192 features against a weight of 96
