@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU suite: one device call runs the GPU tests, then PERF.md's P1-P4 with dummy weights
 # of benchmarks/model_configs, the two ceilings and a decode profile, and prints the summary
-# table last. Logs and JSON go under $OUT (7 files). Run from the repo root:
+# table last. Logs and JSON go under $OUT. Run from the repo root (carry: [".whl"]):
 #   OUT=/tmp/out bash benchmarks/gpu_suite.sh
-# Optional: TESTS (pytest paths), SKIP_TESTS=1, STAGES (subset of: ceilings llama p4 hf).
+# Optional: TESTS (pytest paths, one sequential run), SKIP_TESTS=1, STAGES (subset of:
+# ceilings llama p4 hf), SUITE_ONLY (subset of the llama stage's pieces, e.g. "p1 p2").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/pagoda-gpu-suite}"
@@ -24,9 +25,29 @@ stage() {  # stage NAME SECONDS: one process per stage, so each frees the GPU wh
   nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv 2>/dev/null
   python -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
 } 2>&1 | tee "$LOG"
+# Tests in three groups, each with its own time limit so one slow group cannot starve the
+# benchmarks. Kernel and family tests hold no GPU-sized KV cache, so they run in parallel
+# (pytest-xdist from .whl/: most of their time is Triton compiling on the slow host CPU);
+# the end-to-end tests size their KV cache from free GPU memory and run one at a time.
+# TESTS overrides all three with one sequential run.
+python -c "import xdist" 2>/dev/null || python -m pip install -q --no-index --no-deps \
+  .whl/pytest_xdist-*.whl .whl/execnet-*.whl 2>&1 | tail -2
+PAR=""; python -c "import xdist" 2>/dev/null && PAR="-n 8"
+run_tests() {  # run_tests NAME SECONDS ARGS...: log to $OUT/pytest_NAME.log, summary here
+  local name=$1 limit=$2; shift 2
+  echo "=== tests $name ($(date -u +%H:%M:%S)) ===" | tee -a "$LOG"
+  timeout "$limit" python -m pytest -q -p no:cacheprovider -rfE "$@" > "$OUT/pytest_$name.log" 2>&1
+  echo "=== tests $name rc=$? ===" | tee -a "$LOG"; tail -4 "$OUT/pytest_$name.log" | tee -a "$LOG"
+}
 if [ "${SKIP_TESTS:-0}" != "1" ]; then
-  timeout "${TEST_TIMEOUT:-220}" python -m pytest ${TESTS:-tests/gpu} -q -p no:cacheprovider 2>&1 \
-    | tee "$OUT/pytest.log" | tail -25
+  if [ -n "${TESTS:-}" ]; then
+    run_tests custom "${TEST_TIMEOUT:-240}" $TESTS
+  else
+    run_tests e2e "${E2E_TIMEOUT:-180}" tests/gpu/test_e2e_gpu.py
+    run_tests kernels "${KERNEL_TIMEOUT:-90}" $PAR tests/gpu/test_kernels_gpu.py \
+      tests/gpu/test_moe_gpu.py
+    run_tests families "${FAMILY_TIMEOUT:-110}" $PAR tests/models/test_families_gpu.py
+  fi
 fi
 declare -A LIMIT=([ceilings]=30 [llama]=${LLAMA_TIMEOUT:-180} [p4]=${P4_TIMEOUT:-60}
                   [hf]=${HF_TIMEOUT:-60})

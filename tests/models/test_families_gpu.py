@@ -36,14 +36,13 @@ def _run(path, prompts, dtype):
     return [o.outputs[0] for o in outs]
 
 
-# Seen on the H200 (2026-11-29), with gemma2's caps then at 5 (attention) and 3 (final logits):
-# its fp32 logprobs drifted from transformers' (1.06e-3 at decode step 2, 2.01e-3 at step 3 of
-# a 1-token prompt, before the window of 12 matters); every other family run there stayed
-# within tolerance. The final cap of 3 left the top logits saturated and nearly tied, so the
-# config now uses caps 20 / 30 (decisive, and both caps still change the output); that config
-# has not run on a GPU yet. The CPU test, and Triton's interpreter on the CPU, match at 1e-4.
-_KNOWN = {"gemma2": "fp32 logprobs drifted ~2e-3 on the GPU with saturated caps; "
-                    "recheck with the current config"}
+# Seen on the H200 (2026-11-29): gemma2's fp32 logprobs drift from transformers' (CPU) by
+# more than the 2e-3 every other family meets, though its greedy ids agree. With caps 5 / 3:
+# 1.06e-3 at decode step 2, 2.01e-3 at step 3. With the current caps 20 / 30 (16:29 UTC run):
+# 2.38e-3 already at step 0 of prompt 2, i.e. in the prefill. The CPU test, and Triton's
+# interpreter on the CPU, match at 1e-4, so the suspect is a GPU-only difference in the
+# soft-capped or sliding-window path; not yet found.
+_KNOWN = {"gemma2": "fp32 logprobs drift 2.4e-3 on the GPU (ids agree); cause not found"}
 CASES = [pytest.param(f, marks=pytest.mark.xfail(reason=_KNOWN[f], strict=False))
          if f in _KNOWN else f for f in FAMILIES]
 
