@@ -121,19 +121,19 @@ class TorchRefBackend:
 
     def _decode(self, layer: AttentionLayerSpec, q: torch.Tensor, kv_cache: torch.Tensor,
                 metadata: CommonAttentionMetadata) -> torch.Tensor:
-        """All sequences at once when each has one new token: gather every sequence's
-        blocks into a padded [B, L] batch and mask past each sequence's length."""
+        """All sequences at once when each has one new token: gather every sequence's keys
+        into a padded [B, L] batch and mask past each sequence's length. Padding positions
+        gather the sequence's own first key and value (finite, then masked), never another
+        request's slots, so nothing needs sanitising afterwards."""
         _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
         batch, max_len = metadata.num_reqs, metadata.max_seq_len
-        num_blocks = -(-max_len // block_size)
-        ids = metadata.block_table[:batch, :num_blocks].long()
-        keys = kv_cache[0, ids].reshape(batch, -1, num_kv_heads, head_dim)[:, :max_len]
-        values = kv_cache[1, ids].reshape(batch, -1, num_kv_heads, head_dim)[:, :max_len]
         seq_lens = metadata.seq_lens[:batch].long().view(batch, 1, 1)
         k_pos = torch.arange(max_len, device=q.device).view(1, 1, -1)
-        # Padding slots hold whatever the blocks held; a masked NaN would still poison p @ V.
-        valid = (k_pos < seq_lens).view(batch, max_len, 1, 1)
-        keys, values = keys.where(valid, 0.0), values.where(valid, 0.0)
+        pos = torch.where(k_pos.view(1, -1) < seq_lens.view(batch, 1), k_pos.view(1, -1), 0)
+        blocks = metadata.block_table[:batch].long().gather(1, pos // block_size)
+        slots = blocks * block_size + pos % block_size  # [B, L]
+        flat = kv_cache.flatten(1, 2)  # [2, num_blocks * block_size, Hkv, D], a view
+        keys, values = flat[0][slots], flat[1][slots]  # [B, L, Hkv, D]
         mask = _bias_and_mask(layer, seq_lens - 1, k_pos, q.device)  # [B, 1|H, 1, L]
         out = F.scaled_dot_product_attention(
             q.float().unsqueeze(2), keys.float().transpose(1, 2), values.float().transpose(1, 2),
