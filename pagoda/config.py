@@ -14,6 +14,7 @@ from typing import Any, Optional
 import torch
 
 from pagoda import platform
+from pagoda.layers.rotary import longrope_original_len
 
 _DTYPES = {
     "float32": torch.float32, "float": torch.float32,
@@ -72,6 +73,9 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
     max_model_len: int = 2048
+    # longrope models: a request longer than this is computed with the long rope factors, and
+    # one that grows past it is recomputed from its first token (layers/rotary.py)
+    rope_long_after: Optional[int] = None
 
 
 @dataclass
@@ -145,7 +149,8 @@ class EngineArgs:
             or (_DEFAULT_CPU_KV_BYTES if device.type == "cpu" else None))
         scheduler_config = SchedulerConfig(
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=batched,
-            max_model_len=max_model_len)
+            max_model_len=max_model_len,
+            rope_long_after=longrope_original_len(model_config.text_config(), max_model_len))
         return EngineConfig(model_config, cache_config, scheduler_config,
                             ParallelConfig(self.tensor_parallel_size), device,
                             self.enforce_eager)

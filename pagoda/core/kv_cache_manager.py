@@ -8,6 +8,15 @@ from pagoda.core.block_pool import BlockPool, KVBlock, hash_block_tokens
 from pagoda.core.request import Request
 
 
+def _first_block_key(request: Request) -> Optional[str]:
+    """Extra key of a request's first block hash (the chain carries it to every block): its
+    cache salt, and the rope mode, so KV computed with longrope's long factors is never
+    shared with a request computed with the short ones."""
+    if not request.rope_long:
+        return request.cache_salt
+    return (request.cache_salt or "") + "\x00rope:long"
+
+
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True):
         self.block_size = block_size
@@ -24,7 +33,7 @@ class KVCacheManager:
         while (len(hashes) + 1) * size <= request.num_tokens:
             start = len(hashes) * size
             parent = hashes[-1] if hashes else None
-            extra = request.cache_salt if not hashes else None
+            extra = _first_block_key(request) if not hashes else None
             hashes.append(hash_block_tokens(parent, request.all_token_ids[start:start + size],
                                             extra))
 

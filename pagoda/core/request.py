@@ -49,6 +49,7 @@ class Request:
         self.num_preemptions = 0
         self.first_scheduled_time: Optional[float] = None
         self.block_hashes: list[bytes] = []  # hashes of the full blocks of all_token_ids
+        self.rope_long = False  # longrope: its KV is computed with the long factors
 
     @property
     def num_tokens(self) -> int:

@@ -68,12 +68,38 @@ class Scheduler:
         num_scheduled: dict[str, int] = {}
         new_blocks: dict[str, list[int]] = {}
         preempted: list[Request] = []
+        restarted = self._restart_for_long_rope()
         budget = self._schedule_running(budget, num_scheduled, new_blocks, preempted)
-        resumed: set[str] = {r.request_id for r in preempted}
+        resumed: set[str] = {r.request_id for r in preempted + restarted}
         new_reqs: list[Request] = []
         if not preempted:
             self._schedule_waiting(budget, num_scheduled, new_blocks, new_reqs)
         return self._build_output(num_scheduled, new_blocks, new_reqs, resumed)
+
+    def _restart_for_long_rope(self) -> list[Request]:
+        """longrope: a running request that has grown past the original context is put back
+        at the head of the queue to be recomputed from its first token with the long factors,
+        as transformers drops its KV cache at that step. Unlike a preemption it does not keep
+        the waiting queue from being scheduled in the same step."""
+        limit = self.config.rope_long_after
+        if limit is None:
+            return []
+        restarted = [r for r in self.running if not r.rope_long and r.num_tokens > limit]
+        for request in reversed(restarted):  # appendleft: keep their order at the head
+            self.running.remove(request)
+            self.kv.free(request)
+            request.status = RequestStatus.PREEMPTED
+            request.num_computed_tokens = 0
+            self.waiting.appendleft(request)
+        return restarted
+
+    def _set_rope_mode(self, request: Request) -> None:
+        """A request with nothing computed takes the long factors once it is longer than the
+        original context; its block hashes are redone with the long-mode key."""
+        limit = self.config.rope_long_after
+        if limit is not None and not request.rope_long and request.num_tokens > limit:
+            request.rope_long = True
+            request.block_hashes.clear()
 
     def _schedule_running(self, budget: int, num_scheduled: dict, new_blocks: dict,
                           preempted: list) -> int:
@@ -108,6 +134,7 @@ class Scheduler:
             request = self.waiting[0]
             hits, num_hit_tokens = [], 0
             if request.num_computed_tokens == 0:
+                self._set_rope_mode(request)
                 hits, num_hit_tokens = self.kv.get_computed_blocks(request)
             num_new = min(request.num_tokens - request.num_computed_tokens - num_hit_tokens,
                           budget)

@@ -43,6 +43,23 @@ def _inv_freq(config: Any, rotary_dim: int, max_model_len: int) -> tuple[torch.T
     return inv_freq.float(), float(scaling)
 
 
+def longrope_original_len(config: Any, max_model_len: int) -> Optional[int]:
+    """For longrope, when sequences can outgrow it: the original context length. Past it
+    transformers switches a sequence to the long factors and recomputes its whole KV cache
+    with them (Phi3ForCausalLM.prepare_inputs_for_generation); the scheduler does the same
+    (Scheduler._restart_for_long_rope)."""
+    params = rope_parameters(config)
+    original = params.get("original_max_position_embeddings")
+    if params["rope_type"] != "longrope" or original is None or max_model_len <= original:
+        return None
+    return int(original)
+
+
+def _cos_sin(inv_freq: torch.Tensor, scaling: float, num_positions: int) -> torch.Tensor:
+    freqs = torch.outer(torch.arange(num_positions, dtype=torch.float32), inv_freq)
+    return torch.cat([freqs.cos() * scaling, freqs.sin() * scaling], dim=-1)
+
+
 class RotaryEmbedding(nn.Module):
     def __init__(self, config: Any, head_dim: int, rotary_dim: Optional[int] = None,
                  max_position: int = 2048, is_neox_style: bool = True,
@@ -52,10 +69,20 @@ class RotaryEmbedding(nn.Module):
         self.rotary_dim = rotary_dim or head_dim
         self.is_neox_style = is_neox_style
         scaling = 1.0
+        # longrope: rows [0, original) hold the short factors; row original + p holds the
+        # long ones for position p. The runner adds `long_offset` to the positions of a
+        # request longer than `original` (worker/model_runner.py rope_index).
+        self.long_offset: Optional[int] = None
         if inv_freq is None:
             inv_freq, scaling = _inv_freq(config, self.rotary_dim, max_position)
-        freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
-        cache = torch.cat([freqs.cos() * scaling, freqs.sin() * scaling], dim=-1)
+            self.long_offset = longrope_original_len(config, max_position)
+        cache = _cos_sin(inv_freq, scaling, max_position)
+        if self.long_offset is not None:
+            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+            long_inv_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](config, None,
+                                                               seq_len=self.long_offset + 1)
+            cache = torch.cat([cache[:self.long_offset],
+                               _cos_sin(long_inv_freq.float(), scaling, max_position)])
         self.register_buffer("cos_sin_cache", cache, persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor

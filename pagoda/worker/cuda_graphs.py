@@ -211,7 +211,7 @@ class DecodeLookahead:
         table_blocks = batch.block_table[rows, np.minimum(blocks, batch.max_blocks - 1)]
         slots = np.where(cross, first_scratch + idx, table_blocks).astype(np.int64) * bs
         slots = np.where(live, slots + positions % bs, -1)
-        buf.fill("positions", np.where(live, positions, 0), size)
+        buf.fill("positions", np.where(live, r.rope_index(positions, positions + 1), 0), size)
         buf.fill("slot_mapping", slots, size, pad=-1)
         buf.fill("seq_lens", np.where(live, positions + 1, 1).astype(np.int32), size)
         if cross.any():  # attention must read the scratch block at that position

@@ -53,6 +53,9 @@ class ModelRunner:
         self.sampler = Sampler()
         self.kv_caches: Optional[list[torch.Tensor]] = None
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        # longrope: where the long-factor rows of the cos/sin cache start (rope_index)
+        self.rope_long_offset = next((m.long_offset for m in self.model.modules()
+                                      if getattr(m, "long_offset", None)), None)
         sched = config.scheduler_config
         self.batch = InputBatch(sched.max_num_seqs, self.max_model_len, self.block_size)
         self.use_graphs = (self.device.type == "cuda" and not config.enforce_eager
@@ -195,7 +198,8 @@ class ModelRunner:
         buf.wait_host_free()
         padded, padded_reqs = size or total, size or n
         ids = buf.fill("input_ids", batch.token_ids[token_rows, positions], padded)
-        pos = buf.fill("positions", positions, padded)
+        pos = buf.fill("positions", self.rope_index(positions, batch.num_tokens[token_rows]),
+                       padded)
         slot_mapping = buf.fill("slot_mapping", slots, padded, pad=-1)
         qsl = buf.fill("query_start_loc", starts, padded_reqs + 1, pad=total)
         lens = buf.fill("seq_lens", seq_lens, padded_reqs)
@@ -211,6 +215,16 @@ class ModelRunner:
         return StepInputs(req_ids, rows, size, ids, pos, common, sampling_rows,
                           logits_indices, self._prompt_lp_spans(req_ids, starts, first),
                           positions)
+
+    def rope_index(self, positions: np.ndarray, num_tokens: np.ndarray) -> np.ndarray:
+        """The model's position input: the positions, except for longrope models, where it
+        indexes the joined short + long cos/sin cache (layers/rotary.py). A request longer
+        than the original context (num_tokens, per token) uses the long rows; the scheduler
+        has recomputed any request that crossed that length."""
+        offset = self.rope_long_offset
+        if offset is None:
+            return positions
+        return positions + np.where(num_tokens > offset, offset, 0)
 
     def _prompt_lp_spans(self, req_ids: list[str], starts: np.ndarray, first: np.ndarray
                          ) -> list[tuple[int, int, int, int]]:

@@ -125,3 +125,37 @@ def test_max_model_len_caps_generation():
         outs += step(s)[1]
     assert outs[-1].finish_reason == "length"
     assert sum(len(o.new_token_ids) for o in outs) == 2
+
+
+def test_longrope_request_restarts_when_it_outgrows_the_original_context():
+    """Past rope_long_after a request is recomputed from its first token (long rope factors)
+    in the same step, without counting as a preemption, and its blocks are hashed apart from
+    the short-factor ones."""
+    s = make_scheduler(block_size=4, num_blocks=32)
+    s.config.rope_long_after = 6
+    s.add_request(make_request("a", [1, 2, 3, 4, 5], max_tokens=8))
+    sched, _ = step(s)  # prefill: 5 tokens, short factors; samples token 6
+    assert not s.requests["a"].rope_long
+    sched, _ = step(s)  # the 6th token: still within the original context
+    assert sched.num_scheduled_tokens == {"a": 1}
+    short_hashes = list(s.requests["a"].block_hashes)
+    sched, _ = step(s)  # 7 tokens now: recomputed from the start
+    assert "a" in sched.finished_req_ids  # the runner drops its rows and starts over
+    assert [d.req_id for d in sched.scheduled_new_reqs] == ["a"]
+    assert sched.scheduled_new_reqs[0].num_computed_tokens == 0
+    assert sched.num_scheduled_tokens == {"a": 7}
+    request = s.requests["a"]
+    assert request.rope_long and s.num_preemptions == 0
+    assert request.block_hashes[0] != short_hashes[0]  # same tokens, other rope mode
+    sched, _ = step(s)
+    assert sched.num_scheduled_tokens == {"a": 1} and not sched.scheduled_new_reqs
+
+
+def test_longrope_prompt_longer_than_the_original_starts_long():
+    s = make_scheduler(block_size=4, num_blocks=32)
+    s.config.rope_long_after = 6
+    s.add_request(make_request("a", list(range(1, 11)), max_tokens=3))
+    sched, _ = step(s)
+    assert s.requests["a"].rope_long and sched.num_scheduled_tokens == {"a": 10}
+    sched, _ = step(s)
+    assert sched.num_scheduled_tokens == {"a": 1} and "a" not in sched.finished_req_ids

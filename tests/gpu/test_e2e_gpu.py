@@ -236,3 +236,28 @@ def test_cpu_padded_decode_and_lookahead(tiny_llama_path, monkeypatch):
     assert results[0] == results[1]
     # most decode steps came from the lookahead, across finishes and new blocks
     assert seen["steps"] > 20 and seen["dead"] > 0 and seen["moved"] > 0, seen
+
+
+def test_cpu_lookahead_across_a_longrope_switch(tmp_path, monkeypatch):
+    """longrope through the lookahead: its steps past the original context read the long
+    rows of the cos/sin cache, and the step at the crossing is dropped when the scheduler
+    restarts the request. Emulated as above."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU emulation through Triton's interpreter only")
+    from pagoda import LLM
+    from tests.models.test_families import FAMILIES
+    from tests.utils import make_model
+    make_model(str(tmp_path), FAMILIES["phi3-longrope"]())  # original context: 8 tokens
+    monkeypatch.setenv("PAGODA_ATTENTION_BACKEND", "triton")
+    prompts, lens = make_prompts(384, lengths=(1, 3, 5, 12)), [12, 9, 6, 4]
+    results = []
+    for emulate in (False, True):
+        monkeypatch.setenv("PAGODA_LOOKAHEAD", "force" if emulate else "0")
+        llm = LLM(str(tmp_path), device="cpu", dtype="float32", max_model_len=64,
+                  max_num_seqs=8)  # _fake_graphs stands in for sizes up to 8
+        if emulate:
+            _fake_graphs(llm.engine.core.executor.worker.runner)
+        results.append([list(o.token_ids) for o in _generate(llm, prompts, lens)])
+        del llm
+    assert results[0] == results[1]

@@ -69,6 +69,15 @@ FAMILIES = {
     "phi3-partial": lambda: _cfg("Phi3Config", "Phi3ForCausalLM", intermediate_size=128,
                                  max_position_embeddings=128, partial_rotary_factor=0.5,
                                  pad_token_id=2),
+    # longrope with an original context of 8: prompts of 1 and 5 tokens cross it while
+    # decoding (the engine recomputes them with the long factors, as transformers does),
+    # longer prompts take the long factors from the start.
+    "phi3-longrope": lambda: _cfg(
+        "Phi3Config", "Phi3ForCausalLM", intermediate_size=128, max_position_embeddings=128,
+        original_max_position_embeddings=8, pad_token_id=2,
+        rope_scaling={"type": "longrope", "original_max_position_embeddings": 8,
+                      "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                      "long_factor": [3.0 + 0.5 * i for i in range(8)]}),
     "mixtral": lambda: _cfg("MixtralConfig", "MixtralForCausalLM", intermediate_size=64,
                             num_local_experts=4, num_experts_per_tok=2, num_key_value_heads=2,
                             max_position_embeddings=128),
@@ -83,7 +92,8 @@ FAMILIES = {
 }
 
 # The "preempt" run costs the most; a subset of families covers the mechanism.
-PREEMPT = {"gpt_neox", "gpt2", "opt", "bloom", "falcon-new", "gemma2", "mixtral"}
+PREEMPT = {"gpt_neox", "gpt2", "opt", "bloom", "falcon-new", "gemma2", "mixtral",
+           "phi3-longrope"}
 
 ENGINE_SETTINGS = {
     "default": {},
