@@ -1,0 +1,29 @@
+"""The GPU suite's serving stage (P5) and its table, as a dry run on the CPU at toy sizes
+(`--quick`): the plumbing that the H200 run depends on, without the H200."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_p5_stage_and_table_dry_run(tmp_path):
+    from tests.utils import tiny_llama_config
+    config = tmp_path / "tiny.json"
+    tiny_llama_config().to_json_file(str(config))
+    env = {**os.environ, "SUITE_LLAMA": str(config), "PYTHONPATH": ROOT,
+           "TOKENIZERS_PARALLELISM": "false"}
+    suite = os.path.join(ROOT, "benchmarks", "gpu_suite.py")
+    out = str(tmp_path / "out")
+    run = subprocess.run([sys.executable, suite, "p5", "--quick", "--out", out], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    p5 = json.loads((tmp_path / "out" / "p5.json").read_text())
+    assert [p["request_rate"] for p in p5["points"]] == [20.0, "inf"]
+    assert all(p["completed"] == 4 and p["failed"] == 0 for p in p5["points"])
+    table = subprocess.run([sys.executable, suite, "table", "--out", out], env=env,
+                           capture_output=True, text=True, timeout=60)
+    rows = [line for line in table.stdout.splitlines() if line.startswith("| P5")]
+    assert len(rows) == 2 and "TTFT" in rows[0], table.stdout
