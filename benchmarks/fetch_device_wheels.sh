@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Wheels for the GPU machine's image (Python 3.12, no internet there), into the git-ignored
+# .whl/ that device calls carry (carry: [".whl"]): the engine's msgspec, the server's stack
+# for the P5 stage, and pytest-xdist for the suite's parallel test groups. Versions are pinned
+# to this machine's (a set known to work together, e.g. pydantic with its pydantic_core).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PKGS="msgspec pyzmq pydantic pydantic_core fastapi starlette uvicorn annotated_types
+  annotated_doc typing_extensions typing_inspection prometheus_client h11 click anyio sniffio
+  httpx httpcore certifi idna opentelemetry-api pytest-xdist execnet"
+PINS=$(python - $PKGS <<'PY'
+import sys
+from importlib.metadata import PackageNotFoundError, version
+for name in sys.argv[1:]:
+    try:
+        print(f"{name}=={version(name)}")
+    except PackageNotFoundError:
+        print(name)
+PY
+)
+python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+  --implementation cp --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
+  -d .whl $PINS
+ls .whl
