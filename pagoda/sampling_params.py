@@ -11,6 +11,7 @@ _SAMPLING_EPS = 1e-5
 MAX_N = 128
 MAX_STOP_STRINGS = 64
 MAX_STOP_STRING_CHARS = 1024
+MAX_BAD_WORDS = 128
 
 
 class RequestOutputKind(enum.IntEnum):
@@ -50,8 +51,14 @@ class SamplingParams:
     logit_bias: Optional[dict[int, float]] = None
     allowed_token_ids: Optional[list[int]] = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    # Words the output must not contain: the token that would complete one is banned.
+    bad_words: Optional[list[str]] = None
+    # Keep only the last k prompt tokens (-1: as many as max_model_len leaves room for).
+    truncate_prompt_tokens: Optional[int] = None
     # Filled in by the engine: ids that end the request (eos + generation_config's eos ids).
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
+    # Filled in by the engine: the token sequences of bad_words (with and without a space).
+    bad_words_token_ids: list[list[int]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -110,6 +117,16 @@ class SamplingParams:
                      "logit_bias", "values must be in [-100, 100]")
         if self.allowed_token_ids is not None:
             _require(len(self.allowed_token_ids) > 0, "allowed_token_ids", "must not be empty")
+        if self.bad_words is not None:
+            _require(isinstance(self.bad_words, list) and len(self.bad_words) <= MAX_BAD_WORDS,
+                     "bad_words", f"must be a list of at most {MAX_BAD_WORDS} strings")
+            _require(all(isinstance(w, str) and 0 < len(w.strip()) <= MAX_STOP_STRING_CHARS
+                         for w in self.bad_words), "bad_words",
+                     f"entries must be non-blank and at most {MAX_STOP_STRING_CHARS} chars")
+        _require(self.truncate_prompt_tokens is None or self.truncate_prompt_tokens == -1
+                 or (isinstance(self.truncate_prompt_tokens, int)
+                     and self.truncate_prompt_tokens >= 1), "truncate_prompt_tokens",
+                 f"must be -1 or at least 1, got {self.truncate_prompt_tokens}")
 
     @property
     def sampling_type(self) -> SamplingType:

@@ -32,8 +32,11 @@ class InputProcessor:
         if not isinstance(params, SamplingParams):
             raise ValueError("sampling_params must be a SamplingParams")
         prompt_text, token_ids = self._tokenize(prompt)
+        token_ids = self._truncate(token_ids, params.truncate_prompt_tokens)
         self._validate(token_ids, params)
         params = params.clone()
+        if params.bad_words:
+            params.bad_words_token_ids = self._bad_words_token_ids(params.bad_words)
         if not params.ignore_eos:
             # min_tokens bans every id in this set, the model's own eos included
             params.all_stop_token_ids |= self.extra_eos_ids
@@ -59,6 +62,31 @@ class InputProcessor:
         if isinstance(prompt, dict) and "prompt" in prompt:
             return self._tokenize(prompt["prompt"])
         raise ValueError("prompt must be a string or a dict with 'prompt_token_ids' or 'prompt'")
+
+    def _truncate(self, token_ids: list[int], keep: Optional[int]) -> list[int]:
+        """Left truncation, as vLLM's truncate_prompt_tokens: the last `keep` tokens; -1
+        keeps as many as leave room for one generated token."""
+        if keep is None:
+            return token_ids
+        if keep == -1:
+            keep = self.model_config.max_model_len - 1
+        return token_ids[-keep:]
+
+    def _bad_words_token_ids(self, words: list[str]) -> list[list[int]]:
+        """Each word as it tokenizes at the start of a text and after a space. The spaced
+        form counts only when it is a different first token of the same length (tokenizers
+        that split the space off on its own would otherwise ban a lone space)."""
+        if self.tokenizer is None:
+            raise ValueError("bad_words: needs a tokenizer (skip_tokenizer_init=True was given)")
+        sequences: list[list[int]] = []
+        for word in words:
+            bare = self.tokenizer.encode(word.lstrip(), add_special_tokens=False)
+            spaced = self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+            for ids in (bare, spaced):
+                if ids and ids not in sequences and (
+                        ids is bare or (len(ids) == len(bare) and ids[0] != bare[0])):
+                    sequences.append(ids)
+        return sequences
 
     def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
         vocab = self.model_config.vocab_size

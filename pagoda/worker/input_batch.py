@@ -29,10 +29,12 @@ class RequestState:
     @property
     def dynamic_sampling(self) -> bool:
         """Whether its sampling metadata changes from step to step (penalties read the
-        output so far; min_tokens bans stop tokens until enough were generated)."""
+        output so far; min_tokens bans stop tokens until enough were generated; bad words
+        ban a token when the output ends with the rest of the word)."""
         p = self.params
         return (p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0
-                or p.presence_penalty != 0.0 or (p.min_tokens > 0 and bool(p.all_stop_token_ids)))
+                or p.presence_penalty != 0.0 or (p.min_tokens > 0 and bool(p.all_stop_token_ids))
+                or bool(p.bad_words_token_ids))
 
 
 def _make_generator(data: NewRequestData, vocab_size: int,
@@ -173,9 +175,25 @@ def build_sampling_metadata(states: list[RequestState], batch: InputBatch, vocab
             md.allowed_token_ids.append((i, list(p.allowed_token_ids)))
         if batch.num_output_tokens(s) < p.min_tokens and p.all_stop_token_ids:
             md.banned_tokens.append((i, sorted(p.all_stop_token_ids)))
+        if p.bad_words_token_ids:
+            banned = _bad_word_completions(p.bad_words_token_ids,
+                                           batch.tokens(s)[s.num_prompt_tokens:])
+            if banned:
+                md.banned_tokens.append((i, banned))
     wanted = [p.logprobs for p in params if p.logprobs is not None]
     md.max_num_logprobs = max(wanted) if wanted else None
     return md
+
+
+def _bad_word_completions(sequences: list[list[int]], output: np.ndarray) -> list[int]:
+    """The tokens that would complete a bad word: the last token of each sequence whose
+    other tokens end the output so far (one-token words are always banned)."""
+    banned = set()
+    for seq in sequences:
+        head = len(seq) - 1
+        if head == 0 or (len(output) >= head and list(output[len(output) - head:]) == seq[:-1]):
+            banned.add(seq[-1])
+    return sorted(banned)
 
 
 def _add_penalties(md: SamplingMetadata, states: list[RequestState], batch: InputBatch,

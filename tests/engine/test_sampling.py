@@ -157,3 +157,42 @@ def test_seeded_text_survives_preemption(tiny_llama_path):
     got = [o.outputs[0].token_ids for o in tight.generate(prompts, params, use_tqdm=False)]
     assert tight.engine.core.scheduler.num_preemptions > 0
     assert got == expected
+
+
+def _two_token_word(tokenizer):
+    """A word that tokenizes as two tokens (a, b) when it starts the text."""
+    for a in range(300, 1000):
+        for b in range(300, 320):
+            word = tokenizer.decode([a, b])
+            if word.strip() == word and tokenizer.encode(word, add_special_tokens=False) == [a, b]:
+                return word, a, b
+    raise AssertionError("no two-token word in the tiny vocabulary")
+
+
+def test_bad_words_ban_the_completing_token(tiny_llm):
+    tok = tiny_llm.get_tokenizer()
+    word, a, b = _two_token_word(tok)
+    kw = dict(temperature=1.0, seed=3, max_tokens=40, ignore_eos=True, allowed_token_ids=[a, b])
+    pairs = lambda ids: list(zip(ids, ids[1:]))  # noqa: E731
+    free = _text(tiny_llm, PROMPT, **kw).token_ids
+    assert (a, b) in pairs(free)  # without the ban the word appears
+    banned = _text(tiny_llm, PROMPT, bad_words=[word], **kw).token_ids
+    assert (a, b) not in pairs(banned) and b in banned  # b alone is still allowed
+    single = tok.decode([a])
+    if tok.encode(single, add_special_tokens=False) == [a]:
+        out = _text(tiny_llm, PROMPT, bad_words=[single], **kw).token_ids
+        assert a not in out  # a one-token word is banned everywhere
+
+
+def test_truncate_prompt_tokens_keeps_the_tail(tiny_llm):
+    ids = [i % 300 + 50 for i in range(300)]  # longer than max_model_len (256)
+    params = SamplingParams(max_tokens=2, truncate_prompt_tokens=5)
+    out = tiny_llm.generate({"prompt_token_ids": ids}, params, use_tqdm=False)[0]
+    assert out.prompt_token_ids == ids[-5:]
+    params = SamplingParams(max_tokens=1, truncate_prompt_tokens=-1)
+    out = tiny_llm.generate({"prompt_token_ids": ids}, params, use_tqdm=False)[0]
+    assert out.prompt_token_ids == ids[-255:] and len(out.outputs[0].token_ids) == 1
+    with pytest.raises(ValueError, match="truncate_prompt_tokens"):
+        SamplingParams(truncate_prompt_tokens=0)
+    with pytest.raises(ValueError, match="bad_words"):
+        SamplingParams(bad_words=["  "])

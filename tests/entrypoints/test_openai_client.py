@@ -130,6 +130,19 @@ def test_sampling_knobs_accepted(client):
     assert resp.usage.completion_tokens >= 1
 
 
+def test_truncate_prompt_tokens_and_bad_words(client):
+    long_prompt = "word " * 400  # longer than the server's max_model_len
+    resp = client.completions.create(model=MODEL_NAME, prompt=long_prompt, max_tokens=2,
+                                     extra_body={"truncate_prompt_tokens": 16})
+    assert resp.usage.prompt_tokens == 16
+    resp = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=4,
+                                          extra_body={"bad_words": ["the", "fox jumps"]})
+    assert resp.usage.completion_tokens >= 1
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=2,
+                                  extra_body={"truncate_prompt_tokens": 0})
+
+
 def test_openai_errors(client):
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model="not-a-model", prompt=PROMPT, max_tokens=2)

@@ -73,6 +73,9 @@ class SamplingFields(OpenAIModel):
     skip_special_tokens: StrictBool = True
     spaces_between_special_tokens: StrictBool = True
     include_stop_str_in_output: StrictBool = False
+    bad_words: Optional[list[Annotated[str, Field(max_length=1024)]]] = Field(
+        None, max_length=128)
+    truncate_prompt_tokens: Optional[Int] = Field(None, ge=-1, le=1 << 20)
     user: Optional[str] = Field(None, max_length=256)
 
     def to_sampling_params(self, max_tokens: int, logprobs: Optional[int],
@@ -99,6 +102,7 @@ class SamplingFields(OpenAIModel):
             skip_special_tokens=self.skip_special_tokens,
             spaces_between_special_tokens=self.spaces_between_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output, logit_bias=bias,
+            bad_words=self.bad_words, truncate_prompt_tokens=self.truncate_prompt_tokens,
             output_kind=RequestOutputKind.DELTA if self.stream
             else RequestOutputKind.FINAL_ONLY)
 

@@ -41,7 +41,14 @@ class OpenAIServing:
             raise OpenAIError("this server runs without a tokenizer (--skip-tokenizer-init)")
         return self.tokenizer
 
-    def max_tokens_for(self, num_prompt_tokens: int, requested: Optional[int]) -> int:
+    def max_tokens_for(self, num_prompt_tokens: int, requested: Optional[int],
+                       truncate_prompt_tokens: Optional[int] = None) -> int:
+        """truncate_prompt_tokens: the prompt is cut to its last k tokens by the engine
+        (-1: to max_model_len - 1), so the room is counted after the cut."""
+        if truncate_prompt_tokens == -1:
+            num_prompt_tokens = min(num_prompt_tokens, self.max_model_len - 1)
+        elif truncate_prompt_tokens is not None and truncate_prompt_tokens > 0:
+            num_prompt_tokens = min(num_prompt_tokens, truncate_prompt_tokens)
         room = self.max_model_len - num_prompt_tokens
         if room < 1:
             raise OpenAIError(f"This model's maximum context length is {self.max_model_len} "

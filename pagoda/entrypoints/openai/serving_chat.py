@@ -55,7 +55,7 @@ class ServingChat(OpenAIServing):
         text, ids = await self.render(body.messages, body.add_generation_prompt,
                                 body.continue_final_message)
         requested = body.max_completion_tokens or body.max_tokens
-        max_tokens = self.max_tokens_for(len(ids), requested)
+        max_tokens = self.max_tokens_for(len(ids), requested, body.truncate_prompt_tokens)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         try:
             params = body.to_sampling_params(max_tokens, logprobs)

@@ -30,7 +30,8 @@ class ServingCompletion(OpenAIServing):
         prompts = await self._prompts(body)
         params = []
         for prompt in prompts:
-            max_tokens = self.max_tokens_for(len(prompt["prompt_token_ids"]), body.max_tokens)
+            max_tokens = self.max_tokens_for(len(prompt["prompt_token_ids"]), body.max_tokens,
+                                             body.truncate_prompt_tokens)
             echo_lps = body.logprobs if body.echo and body.logprobs is not None else None
             try:
                 params.append(body.to_sampling_params(max_tokens, body.logprobs, echo_lps))
