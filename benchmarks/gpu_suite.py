@@ -217,9 +217,10 @@ def stage_p5(out: str) -> dict:
     import subprocess
     import tempfile
     from pagoda.benchmarks import cli
+    from pagoda.benchmarks.common import free_port, wait_healthy
     from pagoda.benchmarks.dummy_model import make_dummy_model_dir
     folder = make_dummy_model_dir(LLAMA, tempfile.mkdtemp(prefix="p5-"))
-    port = _free_port()
+    port = free_port()
     num_prompts, rates, max_len = SIZES["p5"]
     cmd = [sys.executable, "-m", "pagoda.entrypoints.cli", "serve", folder, "--load-format",
            "dummy", "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(max_len),
@@ -228,7 +229,7 @@ def stage_p5(out: str) -> dict:
     log = open(os.path.join(out, "p5_server.log"), "w")
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:
-        _wait_healthy(f"http://127.0.0.1:{port}", server, timeout=240)
+        wait_healthy(f"http://127.0.0.1:{port}", server, timeout=240)
         startup = time.perf_counter() - start
         argv = ["sweep", "--base-url", f"http://127.0.0.1:{port}", "--dataset-name",
                 "sharegpt-like", "--num-prompts", str(num_prompts), "--max-model-len",
@@ -246,28 +247,6 @@ def stage_p5(out: str) -> dict:
     points = _load(out, "sweep").get("points", [])
     print(f"P5: server healthy after {startup:.1f} s;", json.dumps(points)[:2000])
     return {"startup_s": startup, "num_prompts": num_prompts, "points": points}
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_healthy(url: str, proc, timeout: float) -> None:
-    import httpx
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"pagoda serve exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=2.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError("pagoda serve did not answer /health")
 
 
 def _row(name, figure, target, roof) -> str:

@@ -92,3 +92,30 @@ def print_table(title: str, rows: list[tuple[str, Any]]) -> None:
         shown = f"{value:.2f}" if isinstance(value, float) else str(value)
         print(f"{name + ':':<44}{shown:>12}")
     print("=" * (32 + len(title)))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_healthy(url: str, proc, timeout: float = 180.0) -> None:
+    """Waits until a `pagoda serve` at `url` answers /health with 200; raises if the process
+    `proc` exits first or the time runs out."""
+    import time
+
+    import httpx
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"pagoda serve exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"pagoda serve at {url} did not answer /health in {timeout:.0f} s")

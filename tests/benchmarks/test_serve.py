@@ -5,15 +5,14 @@ import asyncio
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 
-import httpx
 import pytest
 
 from pagoda.benchmarks import cli, serve
+from pagoda.benchmarks.common import free_port, wait_healthy
 from pagoda.benchmarks.datasets import random_dataset
 from tests.benchmarks.fake_server import FakeOpenAIServer
 
@@ -76,26 +75,6 @@ def test_sweep_writes_json_and_png(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"pagoda serve exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=2.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError("pagoda serve did not become healthy")
-
-
 def _server_missing() -> bool:
     try:
         return (importlib.util.find_spec("pagoda.entrypoints.openai.api_server") is None
@@ -106,14 +85,14 @@ def _server_missing() -> bool:
 
 @pytest.mark.skipif(_server_missing(), reason="`pagoda serve` is not written yet")
 def test_bench_serve_against_pagoda_serve(tiny_model, tmp_path):
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "pagoda.entrypoints.cli", "serve", tiny_model, "--host",
            "127.0.0.1", "--port", str(port), "--dtype", "float32", "--device", "cpu",
            "--max-model-len", "256"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     try:
-        _wait_healthy(f"http://127.0.0.1:{port}", proc)
+        wait_healthy(f"http://127.0.0.1:{port}", proc)
         out = tmp_path / "serve.json"
         argv = ["serve", "--base-url", f"http://127.0.0.1:{port}", "--num-prompts", "4",
                 "--input-len", "8", "--output-len", "4", "--vocab-size", "300",

@@ -4,15 +4,14 @@ on 127.0.0.1 (free ports picked at run time, ready when /health answers 200)."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from pagoda.benchmarks.common import free_port, wait_healthy
 from tests.utils import make_model, tiny_llama_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -25,12 +24,6 @@ def tiny_model(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("tiny-llama"))
     make_model(path, tiny_llama_config())
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerProcess:
@@ -49,18 +42,11 @@ class ServerProcess:
         self.wait_ready()
 
     def wait_ready(self, timeout: float = 180.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"pagoda serve exited with {self.proc.returncode}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError("pagoda serve did not become healthy in time")
+        try:
+            wait_healthy(self.url, self.proc, timeout)
+        except TimeoutError:
+            self.stop()
+            raise
 
     def core_pid(self) -> int:
         """The engine-core process: the server's child started by multiprocessing spawn."""
