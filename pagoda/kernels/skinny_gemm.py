@@ -53,18 +53,31 @@ def _skinny_gemm_kernel(
 def choose_config(n: int, k: int) -> dict:
     """Tiles by weight shape, from the H200 sweep (bf16, M = 1 and 8, weights streamed from
     HBM): narrow outputs take narrow tiles so every SM gets a program; wider outputs take
-    64-column tiles with shorter K steps (the best configs for 6144 and 28672 columns)."""
+    64-column tiles with shorter K steps (the best configs for 6144 and 28672 columns, and
+    128-wide K steps for the 128k-column LM head)."""
     block_n = 16 if n <= 2048 else 32 if n <= 4096 else 64
-    return dict(block_n=block_n, block_k=256 if block_n == 64 else 512, num_warps=4,
-                num_stages=4)
+    block_k = 512 if block_n < 64 else 128 if n >= 65536 else 256
+    return dict(block_n=block_n, block_k=block_k, num_warps=4, num_stages=4)
 
 
-def beats_cublas(m: int, n: int, dtype: torch.dtype) -> bool:
+def beats_cublas(m: int, n: int, k: int, dtype: torch.dtype) -> bool:
     """Where the sweep found this kernel faster: half-precision decode rows on projections up
     to 16k outputs (Llama-3.1-8B q/k/v 15.3 -> 14.8 us, o_proj 13.4 -> 11.2, down_proj
-    31.4 -> 29.3; Qwen3-0.6B o_proj 12.3 -> 4.3). cuBLAS stays ahead on gate_up (28672
-    outputs: 55.1 vs 57.0 us), and fp32 keeps cuBLAS's exact reduction order."""
-    return 0 < m <= MAX_ROWS and n <= 16384 and dtype in (torch.bfloat16, torch.float16)
+    31.4 -> 29.3; Qwen3-0.6B o_proj 12.3 -> 4.3) and on an LM head of 64k+ outputs over 4096+
+    features (Llama-3.1-8B 240 -> 232 us). cuBLAS stays ahead on gate_up (28672 outputs:
+    55.1 vs 57.0 us), and fp32 keeps cuBLAS's exact reduction order."""
+    if not 0 < m <= MAX_ROWS or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    return n <= 16384 or (n >= 65536 and k >= 4096)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None
+           ) -> torch.Tensor:
+    """F.linear, through the skinny GEMM where it beats cuBLAS (CUDA, decode rows)."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if x.is_cuda and beats_cublas(rows, weight.shape[0], weight.shape[1], x.dtype):
+        return skinny_gemm(x, weight, bias)
+    return torch.nn.functional.linear(x, weight, bias)
 
 
 def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,

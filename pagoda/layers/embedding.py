@@ -10,6 +10,7 @@ from torch import nn
 
 from pagoda.distributed.parallel_state import (all_gather_last_dim, all_reduce, get_tp_rank,
                                                get_tp_size)
+from pagoda.layers.linear import linear
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -65,7 +66,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         param.data[:shard.shape[0]].copy_(shard)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight, self.bias)
+        logits = linear(hidden, self.weight, self.bias)
         logits = all_gather_last_dim(logits)[..., :self.vocab_size].float()
         if self.scale != 1.0:
             logits = logits * self.scale

@@ -30,12 +30,7 @@ class UnquantizedLinearMethod:
 
     def apply(self, layer: "LinearBase", x: torch.Tensor,
               bias: Optional[torch.Tensor]) -> torch.Tensor:
-        if x.is_cuda and platform.use_triton_kernels(x.device):
-            from pagoda.kernels import skinny_gemm
-            rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-            if skinny_gemm.beats_cublas(rows, layer.weight.shape[0], x.dtype):
-                return skinny_gemm.skinny_gemm(x, layer.weight, bias)
-        return F.linear(x, layer.weight, bias)
+        return linear(x, layer.weight, bias)
 
 
 class LinearBase(nn.Module):
@@ -155,6 +150,15 @@ class RowParallelLinear(LinearBase):
         out = self.quant_method.apply(self, x, None)
         out = all_reduce(out)
         return out + bias if bias is not None else out
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None
+           ) -> torch.Tensor:
+    """F.linear; on CUDA, decode-sized inputs may go through the skinny GEMM kernel."""
+    if x.is_cuda and platform.use_triton_kernels(x.device):
+        from pagoda.kernels import skinny_gemm
+        return skinny_gemm.linear(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def _copy_checked(dst: torch.Tensor, src: torch.Tensor, layer: nn.Module) -> None:

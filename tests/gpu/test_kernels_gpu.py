@@ -177,7 +177,7 @@ def test_activations():
 
 
 @pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 4096), (4096, 14336), (1024, 2048),
-                                 (1000, 3000)])
+                                 (1000, 3000), (128256, 4096)])
 @pytest.mark.parametrize("m", [1, 5, 16])
 def test_skinny_gemm(m, n, k):
     from pagoda.kernels.skinny_gemm import skinny_gemm

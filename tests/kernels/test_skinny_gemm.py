@@ -32,7 +32,10 @@ def test_zero_rows_and_too_many_rows():
 
 
 def test_dispatch_rule():
-    assert beats_cublas(1, 4096, torch.bfloat16) and beats_cublas(16, 6144, torch.float16)
-    assert not beats_cublas(17, 4096, torch.bfloat16)  # prefill and big decode batches
-    assert not beats_cublas(1, 28672, torch.bfloat16)  # gate_up: cuBLAS is at the roofline
-    assert not beats_cublas(1, 4096, torch.float32)
+    bf16 = torch.bfloat16
+    assert beats_cublas(1, 4096, 4096, bf16) and beats_cublas(16, 6144, 4096, torch.float16)
+    assert not beats_cublas(17, 4096, 4096, bf16)  # prefill and big decode batches
+    assert not beats_cublas(1, 28672, 4096, bf16)  # gate_up: cuBLAS is at the roofline
+    assert beats_cublas(1, 128256, 4096, bf16)  # Llama-3.1-8B's LM head
+    assert not beats_cublas(1, 151936, 1024, bf16)  # a narrow LM head was not measured
+    assert not beats_cublas(1, 4096, 4096, torch.float32)
