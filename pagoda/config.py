@@ -132,6 +132,8 @@ class EngineArgs:
         _check_architecture(hf_config)
         dtype = _resolve_dtype(self.dtype, hf_config, device)
         max_model_len = _resolve_max_model_len(self.max_model_len, hf_config)
+        _check_tensor_parallel(getattr(hf_config, "text_config", None) or hf_config,
+                               self.tensor_parallel_size)
         # Chunked prefill is always on, so the step budget need not cover a whole prompt.
         batched = self.max_num_batched_tokens or 8192
         _check(batched >= 1, "max_num_batched_tokens", "must be >= 1")
@@ -231,6 +233,22 @@ def _resolve_dtype(dtype: str, hf_config: Any, device: torch.device) -> torch.dt
     if device.type == "cuda" and ckpt == torch.float32:
         return torch.bfloat16  # fp32 checkpoints are served in bf16 on the GPU, as in vLLM
     return ckpt
+
+
+def _check_tensor_parallel(text_config: Any, tp: int) -> None:
+    """Each rank takes whole attention heads; KV heads split evenly or are replicated."""
+    if tp == 1:
+        return
+    heads = getattr(text_config, "num_attention_heads", None)
+    kv = getattr(text_config, "num_key_value_heads", None) or heads
+    _check(heads is not None and heads % tp == 0, "tensor_parallel_size",
+           f"{tp} does not divide the model's {heads} attention heads")
+    _check(kv % tp == 0 or tp % kv == 0, "tensor_parallel_size",
+           f"{tp} and the model's {kv} KV heads: one must divide the other")
+    if platform.cuda_available():
+        import torch.cuda
+        _check(torch.cuda.device_count() >= tp, "tensor_parallel_size",
+               f"{tp} ranks need {tp} GPUs; {torch.cuda.device_count()} are visible")
 
 
 def _resolve_max_model_len(requested: Optional[int], hf_config: Any) -> int:

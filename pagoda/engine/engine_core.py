@@ -11,7 +11,7 @@ from pagoda.config import EngineConfig
 from pagoda.core.request import Request, RequestStatus
 from pagoda.core.scheduler import Scheduler
 from pagoda.engine.messages import EngineCoreOutput, EngineCoreRequest, EngineCoreStats
-from pagoda.executor.uniproc import UniprocExecutor
+from pagoda.executor import make_executor
 
 logger = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ class EngineCore:
     def __init__(self, config: EngineConfig):
         start = time.perf_counter()
         self.config = config
-        self.executor = UniprocExecutor(config)
+        self.executor = make_executor(config)
         self.scheduler = Scheduler(config.scheduler_config, config.cache_config,
                                    self.executor.num_blocks)
         logger.info("engine core ready in %.1fs: %d KV blocks of %d tokens",

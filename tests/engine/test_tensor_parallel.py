@@ -1,0 +1,47 @@
+"""Tensor parallelism over two CPU processes (gloo) against one process: the same greedy ids
+and logprobs, the same seeded and unseeded samples, and clear errors for impossible splits."""
+
+from __future__ import annotations
+
+import pytest
+
+from pagoda import LLM, SamplingParams
+
+PROMPTS = [{"prompt_token_ids": list(range(10 + i, 30 + 3 * i))} for i in range(5)]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_llama_path):
+    """(tp=1, tp=2) outputs of the same requests: greedy with logprobs, seeded, unseeded."""
+    params = [SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=3),
+              SamplingParams(temperature=1.0, seed=7, max_tokens=10, ignore_eos=True),
+              SamplingParams(temperature=0.8, top_k=20, max_tokens=10, ignore_eos=True)]
+    results = []
+    for tp in (1, 2):
+        llm = LLM(tiny_llama_path, dtype="float32", device="cpu", max_model_len=128,
+                  tensor_parallel_size=tp, seed=3)
+        results.append([llm.generate(PROMPTS, p, use_tqdm=False) for p in params])
+        llm.engine.core.shutdown()
+        del llm
+    return results
+
+
+def test_greedy_ids_and_logprobs_match_one_process(runs):
+    one, two = runs[0][0], runs[1][0]
+    for a, b in zip(one, two):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for step_a, step_b in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert step_a.keys() == step_b.keys()
+            for token, lp in step_a.items():
+                assert abs(lp.logprob - step_b[token].logprob) < 1e-4
+
+
+def test_sampling_matches_one_process(runs):
+    for kind in (1, 2):  # seeded, then the engine-seeded global generator
+        assert ([o.outputs[0].token_ids for o in runs[0][kind]]
+                == [o.outputs[0].token_ids for o in runs[1][kind]])
+
+
+def test_impossible_splits_are_refused(tiny_llama_path):
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        LLM(tiny_llama_path, device="cpu", tensor_parallel_size=3)  # 4 heads
