@@ -217,7 +217,8 @@ def stage_p5(out: str) -> dict:
     import subprocess
     import tempfile
     from pagoda.benchmarks import cli
-    from pagoda.benchmarks.common import free_port, wait_healthy
+    from pagoda.benchmarks.common import wait_healthy
+    from pagoda.netutil import free_port
     from pagoda.benchmarks.dummy_model import make_dummy_model_dir
     folder = make_dummy_model_dir(LLAMA, tempfile.mkdtemp(prefix="p5-"))
     port = free_port()

@@ -94,14 +94,6 @@ def print_table(title: str, rows: list[tuple[str, Any]]) -> None:
     print("=" * (32 + len(title)))
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def wait_healthy(url: str, proc, timeout: float = 180.0) -> None:
     """Waits until a `pagoda serve` at `url` answers /health with 200; raises if the process
     `proc` exits first or the time runs out."""

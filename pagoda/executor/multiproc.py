@@ -17,13 +17,13 @@ import dataclasses
 import logging
 import multiprocessing
 import os
-import socket
 import traceback
 
 import msgspec
 
 from pagoda.config import EngineConfig
 from pagoda.core.sched_output import ModelRunnerOutput, SchedulerOutput
+from pagoda.netutil import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -39,16 +39,10 @@ class _Reply(msgspec.Struct):
     sampled: list[list[int]] = []  # every rank's sampled ids, to catch a divergence
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class MultiprocExecutor:
     def __init__(self, config: EngineConfig):
         self.world_size = config.parallel_config.tensor_parallel_size
-        port = _free_port()
+        port = free_port()
         ctx = multiprocessing.get_context("spawn")
         self.conns, self.procs = [], []
         for rank in range(self.world_size):

@@ -12,7 +12,8 @@ import time
 import pytest
 
 from pagoda.benchmarks import cli, serve
-from pagoda.benchmarks.common import free_port, wait_healthy
+from pagoda.benchmarks.common import wait_healthy
+from pagoda.netutil import free_port
 from pagoda.benchmarks.datasets import random_dataset
 from tests.benchmarks.fake_server import FakeOpenAIServer
 

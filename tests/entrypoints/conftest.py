@@ -11,7 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pagoda.benchmarks.common import free_port, wait_healthy
+from pagoda.benchmarks.common import wait_healthy
+from pagoda.netutil import free_port
 from tests.utils import make_model, tiny_llama_config
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,0 +1,13 @@
+"""Loopback networking helpers shared by the engine (tensor-parallel rendezvous) and the
+benchmarks (servers they start)."""
+
+from __future__ import annotations
+
+import socket
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
