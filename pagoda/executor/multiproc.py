@@ -95,7 +95,10 @@ class MultiprocExecutor:
             try:
                 reply = decoder.decode(conn.recv_bytes())
             except EOFError:
-                raise RuntimeError(f"tensor-parallel rank {rank} exited") from None
+                raise RuntimeError(
+                    f"tensor-parallel rank {rank} exited. Ranks are started with "
+                    "multiprocessing spawn, so a script that creates the engine needs an "
+                    "`if __name__ == '__main__':` guard") from None
             if not reply.ok:
                 raise RuntimeError(f"tensor-parallel rank {rank} failed:\n{reply.error}")
             replies.append(reply)
