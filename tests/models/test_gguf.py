@@ -15,7 +15,8 @@ from gguf import GGMLQuantizationType as T  # noqa: E402
 
 from pagoda.model_loader import gguf_loader  # noqa: E402
 from pagoda.model_loader.gguf_loader import (  # noqa: E402
-    iterate_gguf_tensors, iterate_gguf_weights, load_gguf_config, read_gguf_header)
+    iterate_gguf_tensors, iterate_gguf_weights, load_gguf_config)
+from pagoda.model_loader.gguf_reader import read_gguf_header  # noqa: E402
 
 HEADS, KV_HEADS, HIDDEN, INTER, LAYERS, VOCAB = 4, 2, 64, 128, 2, 64
 
