@@ -55,11 +55,16 @@ class MultiprocExecutor:
             self.conns.append(ours)
             self.procs.append(proc)
         self._encoder = msgspec.msgpack.Encoder()
+        self._reply_decoder = msgspec.msgpack.Decoder(_Reply)
         self._output_decoder = msgspec.msgpack.Decoder(ModelRunnerOutput)
-        # Every rank sizes its own KV cache; all use the smallest count.
-        self.num_blocks = min(reply.num_blocks for reply in self._gather())
-        self._broadcast(self._encoder.encode(self.num_blocks))
-        self._gather()  # caches allocated (and CUDA graphs captured) everywhere
+        try:
+            # Every rank sizes its own KV cache; all use the smallest count.
+            self.num_blocks = min(reply.num_blocks for reply in self._gather())
+            self._broadcast(self._encoder.encode(self.num_blocks))
+            self._gather()  # caches allocated (and CUDA graphs captured) everywhere
+        except BaseException:
+            self.shutdown()  # no rank outlives a failed start
+            raise
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         self._broadcast(self._encoder.encode(sched))
@@ -87,20 +92,20 @@ class MultiprocExecutor:
             conn.send_bytes(payload)
 
     def _gather(self) -> list[_Reply]:
-        decoder = msgspec.msgpack.Decoder(_Reply)
         replies = []
         for rank, conn in enumerate(self.conns):
             if not conn.poll(_STEP_TIMEOUT_S):
                 raise RuntimeError(f"tensor-parallel rank {rank} did not answer")
             try:
-                reply = decoder.decode(conn.recv_bytes())
+                reply = self._reply_decoder.decode(conn.recv_bytes())
             except EOFError:
                 raise RuntimeError(
                     f"tensor-parallel rank {rank} exited. Ranks are started with "
                     "multiprocessing spawn, so a script that creates the engine needs an "
                     "`if __name__ == '__main__':` guard") from None
             if not reply.ok:
-                raise RuntimeError(f"tensor-parallel rank {rank} failed:\n{reply.error}")
+                last = reply.error.strip().splitlines()[-1] if reply.error.strip() else "?"
+                raise RuntimeError(f"tensor-parallel rank {rank} failed: {last}\n{reply.error}")
             replies.append(reply)
         return replies
 
