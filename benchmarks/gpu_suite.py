@@ -217,7 +217,7 @@ def stage_p5(out: str) -> dict:
     import subprocess
     import tempfile
     from pagoda.benchmarks import cli
-    from pagoda.benchmarks.common import wait_healthy
+    from pagoda.benchmarks.common import stop_process, wait_healthy
     from pagoda.netutil import free_port
     from pagoda.benchmarks.dummy_model import make_dummy_model_dir
     folder = make_dummy_model_dir(LLAMA, tempfile.mkdtemp(prefix="p5-"))
@@ -239,11 +239,7 @@ def stage_p5(out: str) -> dict:
         if cli.main(argv) != 0:
             raise RuntimeError("bench sweep failed")
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_process(server, timeout=30)
         log.close()
     points = _load(out, "sweep").get("points", [])
     print(f"P5: server healthy after {startup:.1f} s;", json.dumps(points)[:2000])

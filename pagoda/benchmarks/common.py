@@ -111,3 +111,17 @@ def wait_healthy(url: str, proc, timeout: float = 180.0) -> None:
             pass
         time.sleep(0.3)
     raise TimeoutError(f"pagoda serve at {url} did not answer /health in {timeout:.0f} s")
+
+
+def stop_process(proc, timeout: float = 20.0) -> None:
+    """SIGTERM a server process (it shuts its engine core down), SIGKILL it if it is still
+    there after `timeout`, and reap it."""
+    import subprocess
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

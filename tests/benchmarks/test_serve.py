@@ -12,7 +12,7 @@ import time
 import pytest
 
 from pagoda.benchmarks import cli, serve
-from pagoda.benchmarks.common import wait_healthy
+from pagoda.benchmarks.common import stop_process, wait_healthy
 from pagoda.netutil import free_port
 from pagoda.benchmarks.datasets import random_dataset
 from tests.benchmarks.fake_server import FakeOpenAIServer
@@ -114,8 +114,4 @@ def test_bench_serve_against_pagoda_serve(tiny_model, tmp_path):
         assert chat["goodput"] == pytest.approx(chat["request_throughput"])
         assert chat["max_concurrency_observed"] <= 2
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)

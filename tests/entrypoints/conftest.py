@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pagoda.benchmarks.common import wait_healthy
+from pagoda.benchmarks.common import stop_process, wait_healthy
 from pagoda.netutil import free_port
 from tests.utils import make_model, tiny_llama_config
 
@@ -66,13 +66,7 @@ class ServerProcess:
         raise RuntimeError("engine-core process not found")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         if self.log is not subprocess.DEVNULL:
             self.log.close()
 
