@@ -74,9 +74,8 @@ FAMILIES = {
     # longer prompts take the long factors from the start.
     "phi3-longrope": lambda: _cfg(
         "Phi3Config", "Phi3ForCausalLM", intermediate_size=128, max_position_embeddings=128,
-        original_max_position_embeddings=8, pad_token_id=2,
-        rope_scaling={"type": "longrope", "original_max_position_embeddings": 8,
-                      "short_factor": [1.0 + 0.1 * i for i in range(8)],
+        original_max_position_embeddings=8, pad_token_id=2,  # top level, as Phi-3's files
+        rope_scaling={"type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(8)],
                       "long_factor": [3.0 + 0.5 * i for i in range(8)]}),
     "mixtral": lambda: _cfg("MixtralConfig", "MixtralForCausalLM", intermediate_size=64,
                             num_local_experts=4, num_experts_per_tok=2, num_key_value_heads=2,
@@ -129,6 +128,20 @@ def test_greedy_matches_transformers(checkpoints, family, setting):
     params = SamplingParams(temperature=0, max_tokens=MAX_NEW, logprobs=TOP, ignore_eos=True)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     check_run(llm, refs, outputs, f"{family}/{setting}", setting)
+
+
+def test_longrope_original_length_read_from_the_top_level():
+    """Phi-3's config.json has original_max_position_embeddings beside rope_scaling, not in
+    it; transformers 5.17 leaves it there (5.24 copies it in). Without it the scheduler never
+    restarts a request that outgrows the original context (seen on the H200's 5.17)."""
+    from types import SimpleNamespace
+
+    from pagoda.layers.rotary import longrope_original_len
+    config = SimpleNamespace(original_max_position_embeddings=8, rope_theta=10000.0,
+                             rope_scaling={"type": "longrope", "short_factor": [1.0] * 4,
+                                           "long_factor": [2.0] * 4})
+    assert longrope_original_len(config, max_model_len=128) == 8
+    assert longrope_original_len(config, max_model_len=8) is None
 
 
 def test_dense_moe_matches_torch_moe():
