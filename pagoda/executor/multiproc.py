@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import traceback
 
@@ -92,22 +93,30 @@ class MultiprocExecutor:
             conn.send_bytes(payload)
 
     def _gather(self) -> list[_Reply]:
-        replies = []
-        for rank, conn in enumerate(self.conns):
-            if not conn.poll(_STEP_TIMEOUT_S):
-                raise RuntimeError(f"tensor-parallel rank {rank} did not answer")
-            try:
-                reply = self._reply_decoder.decode(conn.recv_bytes())
-            except EOFError:
-                raise RuntimeError(
-                    f"tensor-parallel rank {rank} exited. Ranks are started with "
-                    "multiprocessing spawn, so a script that creates the engine needs an "
-                    "`if __name__ == '__main__':` guard") from None
-            if not reply.ok:
-                last = reply.error.strip().splitlines()[-1] if reply.error.strip() else "?"
-                raise RuntimeError(f"tensor-parallel rank {rank} failed: {last}\n{reply.error}")
-            replies.append(reply)
-        return replies
+        """Every rank's reply, in rank order. Replies are taken as they come, so a rank that
+        fails is reported at once even while the others wait for it inside a collective."""
+        replies: dict[int, _Reply] = {}
+        pending = dict(enumerate(self.conns))
+        while pending:
+            ready = multiprocessing.connection.wait(list(pending.values()), _STEP_TIMEOUT_S)
+            if not ready:
+                raise RuntimeError(f"tensor-parallel ranks {sorted(pending)} did not answer")
+            for rank in [r for r, conn in pending.items() if conn in ready]:
+                replies[rank] = self._receive(rank, pending.pop(rank))
+        return [replies[rank] for rank in range(len(self.conns))]
+
+    def _receive(self, rank: int, conn) -> _Reply:
+        try:
+            reply = self._reply_decoder.decode(conn.recv_bytes())
+        except EOFError:
+            raise RuntimeError(
+                f"tensor-parallel rank {rank} exited. Ranks are started with "
+                "multiprocessing spawn, so a script that creates the engine needs an "
+                "`if __name__ == '__main__':` guard") from None
+        if not reply.ok:
+            last = reply.error.strip().splitlines()[-1] if reply.error.strip() else "?"
+            raise RuntimeError(f"tensor-parallel rank {rank} failed: {last}\n{reply.error}")
+        return reply
 
 
 def _worker_main(config: EngineConfig, rank: int, world_size: int, port: int, conn) -> None:
