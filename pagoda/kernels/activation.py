@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pagoda.kernels.pdl import launch_args, wait_then_release
+
 _ACTS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 
 
@@ -29,7 +31,8 @@ def _act(g, ACT: tl.constexpr):
 
 @triton.jit
 def _act_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, d, ACT: tl.constexpr,
-                        BLOCK: tl.constexpr):
+                        BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    wait_then_release(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
@@ -51,7 +54,7 @@ def _act_and_mul(x: torch.Tensor, act: str) -> torch.Tensor:
     block = min(triton.next_power_of_2(d), 1024)
     grid = (n_rows, triton.cdiv(d, block))
     _act_and_mul_kernel[grid](x2d, out.view(-1, d), x2d.stride(0), d, d,
-                              ACT=_ACTS[act], BLOCK=block)
+                              ACT=_ACTS[act], BLOCK=block, **launch_args(x.device))
     return out
 
 

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pagoda.kernels.pdl import launch_args, wait_then_release
+
 from pagoda.kernels.rotary import _rotate_heads
 
 
@@ -91,8 +93,9 @@ def _rope_write_kv_kernel(
     stride_c_kv, stride_c_blk, stride_c_slot, stride_c_head,
     block_size, num_q_heads, num_kv_heads, head_dim, half,
     QH_P2: tl.constexpr, KH_P2: tl.constexpr, DIM_P2: tl.constexpr, HALF_P2: tl.constexpr,
-    IS_NEOX: tl.constexpr,
+    IS_NEOX: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    wait_then_release(USE_PDL)
     tok = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + tok).to(tl.int64)
     cos_sin_base = cos_sin_ptr + pos * stride_cs
@@ -136,5 +139,5 @@ def rope_and_write_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         kv_cache.shape[2], q.shape[1], num_kv_heads, head_dim, half,
         QH_P2=triton.next_power_of_2(q.shape[1]), KH_P2=triton.next_power_of_2(num_kv_heads),
         DIM_P2=triton.next_power_of_2(head_dim), HALF_P2=triton.next_power_of_2(half),
-        IS_NEOX=is_neox,
+        IS_NEOX=is_neox, **launch_args(q.device),
     )

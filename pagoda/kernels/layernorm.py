@@ -13,12 +13,15 @@ import torch
 import triton
 import triton.language as tl
 
+from pagoda.kernels.pdl import launch_args, wait_then_release
+
 
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, n_cols, eps,
-    BLOCK_N: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
+    BLOCK_N: tl.constexpr, ADD_RESIDUAL: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    wait_then_release(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < n_cols
@@ -45,6 +48,7 @@ def _launch(x2d, res2d, weight, out2d, eps, add_residual):
     _rms_norm_kernel[(n_rows,)](
         x2d, res2d, weight, out2d, x2d.stride(0), res2d.stride(0), out2d.stride(0),
         n_cols, eps, BLOCK_N=block_n, ADD_RESIDUAL=add_residual, num_warps=num_warps,
+        **launch_args(x2d.device),
     )
 
 

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pagoda.kernels.pdl import launch_args, wait_then_release
+
 
 @triton.jit
 def _tanh(x):
@@ -71,8 +73,9 @@ def _attention_kernel(
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, QPKV_P2: tl.constexpr,
     DIM_P2: tl.constexpr, TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     USE_SOFT_CAP: tl.constexpr, USE_WINDOW: tl.constexpr, USE_ALIBI: tl.constexpr,
-    PAGED: tl.constexpr, DOT_PREC: tl.constexpr,
+    PAGED: tl.constexpr, DOT_PREC: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    wait_then_release(USE_PDL)
     q_block = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -160,7 +163,9 @@ def _reduce_splits_kernel(
     out_ptr, part_acc_ptr, part_ml_ptr, query_start_ptr, num_seqs, num_heads,
     stride_ot, stride_oh, head_dim,
     NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, DIM_P2: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_then_release(USE_PDL)
     tok = tl.program_id(0)
     head = tl.program_id(1)
     if tok >= tl.load(query_start_ptr + num_seqs):  # CUDA-graph padding: nothing was written
@@ -256,12 +261,13 @@ def paged_attention(
         USE_SOFT_CAP=bool(soft_cap), USE_WINDOW=bool(sliding_window),
         USE_ALIBI=alibi_slopes is not None, PAGED=paged,
         DOT_PREC="ieee" if q.dtype == torch.float32 else None,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_args(q.device),
     )
     if num_splits > 1:
         _reduce_splits_kernel[(num_tokens, num_heads)](
             out, part_acc, part_ml, query_start_loc, num_seqs, num_heads,
             out.stride(0), out.stride(1), head_dim,
             NUM_SPLITS=num_splits, SPLITS_P2=triton.next_power_of_2(num_splits), DIM_P2=dim_p2,
+            **launch_args(q.device),
         )
     return out
