@@ -20,8 +20,8 @@ def rope_parameters(config: Any) -> dict:
     scaling = getattr(config, "rope_scaling", None) or {}
     params = {**scaling, **params}
     params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
-    # Phi-3 checkpoints keep it at the top level of config.json; transformers 5.24 copies it
-    # into rope_parameters, 5.17 does not.
+    # Phi-3 checkpoints keep it at the top level of config.json beside rope_scaling;
+    # transformers 5.x copies it into rope_parameters, 4.x leaves it out.
     original = getattr(config, "original_max_position_embeddings", None)
     if original is not None:
         params.setdefault("original_max_position_embeddings", original)

@@ -103,6 +103,17 @@ ENGINE_SETTINGS = {
 CASES = [(f, s) for f in FAMILIES for s in ENGINE_SETTINGS if s != "preempt" or f in PREEMPT]
 
 
+def skip_if_reference_wrong(family: str) -> None:
+    """transformers' own reference is wrong in one known case: before 5.24 (5.17 checked),
+    Phi-3's generate() drops the KV cache at the longrope switch but still feeds only the
+    last token, so that step sees no context (5.24 feeds the whole sequence; the engine
+    matches 5.24). The H200's image has 5.17."""
+    from packaging.version import Version
+    if family == "phi3-longrope" and Version(transformers.__version__) < Version("5.24"):
+        pytest.skip(f"transformers {transformers.__version__} mis-generates at the longrope "
+                    "switch; 5.24 is the reference")
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """Family name -> (path, prompts, references), built once per family on first use."""
@@ -123,6 +134,7 @@ def checkpoints(tmp_path_factory):
 
 @pytest.mark.parametrize("family,setting", CASES)
 def test_greedy_matches_transformers(checkpoints, family, setting):
+    skip_if_reference_wrong(family)
     path, prompts, refs = checkpoints(family)
     llm = LLM(path, dtype="float32", seed=0, **ENGINE_SETTINGS[setting])
     params = SamplingParams(temperature=0, max_tokens=MAX_NEW, logprobs=TOP, ignore_eos=True)
@@ -132,8 +144,8 @@ def test_greedy_matches_transformers(checkpoints, family, setting):
 
 def test_longrope_original_length_read_from_the_top_level():
     """Phi-3's config.json has original_max_position_embeddings beside rope_scaling, not in
-    it; transformers 5.17 leaves it there (5.24 copies it in). Without it the scheduler never
-    restarts a request that outgrows the original context (seen on the H200's 5.17)."""
+    it; transformers 4.x leaves it there (5.x copies it in). Without it the scheduler would
+    never restart a request that outgrows the original context."""
     from types import SimpleNamespace
 
     from pagoda.layers.rotary import longrope_original_len
