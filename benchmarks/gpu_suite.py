@@ -174,7 +174,6 @@ def _p3(llm, ceilings) -> dict:
     shape = roofline.model_shape(llm.engine.config.model_config.hf_config, torch.bfloat16)
     p3["roofline"] = roofline.roofline_summary(recorder.records, shape, ceilings,
                                                p3["elapsed_time"])
-    p3["engine_time_s"] = sum(r.time_s for r in recorder.records)
     p3.pop("per_request_output_tokens", None)
     print("P3:", json.dumps({k: v for k, v in p3.items() if not isinstance(v, list)}))
     return p3
@@ -294,6 +293,12 @@ def stage_table(out: str) -> dict:
         lines.append(_row("P4", f"{p4['nano_out_tok_per_s']:.0f} out tok/s "
                                 f"({p4['elapsed_time']:.1f} s)", "record",
                           f"{100 * eff:.0f}%"))
+    for name, res in (("P3", p3), ("P4", p4)):
+        if res and "outside_execute_s" in res:  # host-bound when outside ~ the step time
+            steps = max(res["engine_steps"], 1)
+            lines.append(_row(f"{name}h", f"{1000 * res['elapsed_time'] / steps:.2f} ms/step: "
+                                          f"{1000 * res['outside_execute_s'] / steps:.2f} "
+                                          "outside execute", "", ""))
     for point in (p5 or {}).get("points", []):
         lines.append(_row("P5", f"{point['request_rate']} req/s: TTFT {point['mean_ttft_ms']:.0f}"
                                 f" ms, TPOT {point['mean_tpot_ms']:.1f} ms, "

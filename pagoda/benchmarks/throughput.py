@@ -81,7 +81,12 @@ def run_pagoda(llm, requests: list[SampleRequest], warmup: bool = True,
                    "engine_steps": totals.steps,
                    "engine_prompt_tokens": totals.prompt_tokens,
                    "engine_generated_tokens": totals.generated_tokens,
-                   "engine_decode_only_steps": totals.decode_only_steps})
+                   "engine_decode_only_steps": totals.decode_only_steps,
+                   # Wall time inside executor.execute (model, sampling, waiting for the GPU)
+                   # and outside it (scheduling, output processing, detokenization): when the
+                   # outside share nears the whole, the host paces the engine.
+                   "engine_time_s": totals.step_time_s,
+                   "outside_execute_s": elapsed - totals.step_time_s})
     return result, recorder
 
 

@@ -1,10 +1,12 @@
-"""The GPU suite's serving stage (P5) and its table, as a dry run on the CPU at toy sizes
-(`--quick`): the plumbing that the H200 run depends on, without the H200."""
+"""The GPU suite's serving (P5) and nano-vllm (P4) stages and its table, as dry runs on the
+CPU at toy sizes (`--quick`): the plumbing that the H200 run depends on, without the H200."""
 
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -27,3 +29,26 @@ def test_p5_stage_and_table_dry_run(tmp_path):
                            capture_output=True, text=True, timeout=60)
     rows = [line for line in table.stdout.splitlines() if line.startswith("| P5")]
     assert len(rows) == 2 and "TTFT" in rows[0], table.stdout
+
+
+def test_p4_stage_reports_host_time(tmp_path):
+    """P4's table rows include the wall time spent outside executor.execute per step, which
+    says whether the host paces the engine."""
+    from tests.utils import tiny_llama_config
+    config = tmp_path / "tiny.json"
+    # nano-vllm's prompt ids go up to 10000
+    tiny_llama_config(max_position_embeddings=4096, vocab_size=10240).to_json_file(str(config))
+    env = {**os.environ, "SUITE_QWEN3": str(config), "PYTHONPATH": ROOT,
+           "TOKENIZERS_PARALLELISM": "false"}
+    suite = os.path.join(ROOT, "benchmarks", "gpu_suite.py")
+    out = str(tmp_path / "out")
+    run = subprocess.run([sys.executable, suite, "p4", "--quick", "--out", out], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    p4 = json.loads((tmp_path / "out" / "p4.json").read_text())
+    assert 0 < p4["outside_execute_s"] < p4["elapsed_time"]
+    assert p4["engine_time_s"] + p4["outside_execute_s"] == pytest.approx(p4["elapsed_time"])
+    table = subprocess.run([sys.executable, suite, "table", "--out", out], env=env,
+                           capture_output=True, text=True, timeout=60)
+    rows = [line for line in table.stdout.splitlines() if line.startswith("| P4")]
+    assert len(rows) == 2 and "outside execute" in rows[1], table.stdout
