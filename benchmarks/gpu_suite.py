@@ -299,6 +299,10 @@ def stage_table(out: str) -> dict:
             lines.append(_row(f"{name}h", f"{1000 * res['elapsed_time'] / steps:.2f} ms/step: "
                                           f"{1000 * res['outside_execute_s'] / steps:.2f} "
                                           "outside execute", "", ""))
+    for row in _load(out, "ab").get("rows", []):
+        graph = (row.get("graph_gpu_ms") or {}).get("1", 0)
+        lines.append(_row("AB", f"{row['decode_ms_per_step'] or 0:.2f} ms/step, "
+                                f"graph {graph:.2f} ms", "", row["setting"][:26]))
     for point in (p5 or {}).get("points", []):
         lines.append(_row("P5", f"{point['request_rate']} req/s: TTFT {point['mean_ttft_ms']:.0f}"
                                 f" ms, TPOT {point['mean_tpot_ms']:.1f} ms, "
@@ -308,8 +312,36 @@ def stage_table(out: str) -> dict:
     return {"table": lines}
 
 
+def stage_ab(out: str) -> dict:
+    """A/B of environment settings (AB="NAME=VALUE[,NAME=VALUE];..." in the environment):
+    P1 and the decode graph times as the llama stage measures them, once as is and once per
+    setting, each in a fresh process (settings read at import or capture time take effect)."""
+    import subprocess
+    import tempfile
+    settings = [""] + [a.strip() for a in os.environ.get("AB", "").split(";") if a.strip()]
+    rows = []
+    for setting in settings:
+        env = {**os.environ, "SUITE_ONLY": "p1 graph_gpu_ms"}
+        env.update(kv.split("=", 1) for kv in setting.split(",") if kv)
+        with tempfile.TemporaryDirectory() as tmp:
+            _ceilings(out)  # measured once, shared by every run
+            _save(tmp, "ceilings", _load(out, "ceilings"))
+            args = [sys.executable, os.path.abspath(__file__), "llama", "--out", tmp]
+            if SIZES["device"] != "cuda":
+                args.append("--quick")
+            subprocess.run(args, env=env, timeout=150, check=False)
+            llama = _load(tmp, "llama")
+        p1 = llama.get("p1") or {}
+        rows.append({"setting": setting or "as is",
+                     "decode_ms_per_step": p1.get("decode_ms_per_token"),
+                     "tok_per_s": p1.get("decode_tok_per_s"),
+                     "graph_gpu_ms": llama.get("graph_gpu_ms")})
+        print("AB:", json.dumps(rows[-1]))
+    return {"rows": rows}
+
+
 STAGES = {"ceilings": stage_ceilings, "llama": stage_llama, "hf": stage_hf, "p4": stage_p4,
-          "p5": stage_p5, "table": stage_table}
+          "p5": stage_p5, "ab": stage_ab, "table": stage_table}
 
 
 def main() -> int:

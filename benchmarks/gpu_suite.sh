@@ -6,7 +6,7 @@
 # On two GPUs the tests and the benchmarks run side by side (one GPU each).
 # Optional: TESTS (pytest paths, one sequential run), SKIP_TESTS=1, STAGES (subset of:
 # ceilings llama p4 hf p5), SUITE_ONLY (subset of the llama stage's pieces, e.g. "p1 p2"),
-# P5_PROMPTS (requests per rate in p5, default 200).
+# P5_PROMPTS (requests per rate in p5, default 200), AB (settings to A/B on P1, see below).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/pagoda-gpu-suite}"
@@ -64,6 +64,9 @@ benchmarks() {
   for name in ${STAGES:-ceilings llama p4 hf}; do stage "$name" "${LIMIT[$name]}"; done
 }
 NUM_GPUS=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU")
+# AB="NAME=VALUE[,NAME=VALUE];...": P1 as is and with each setting, first and alone (no
+# tests beside it), each in its own process.
+if [ -n "${AB:-}" ]; then CUDA_VISIBLE_DEVICES=0 stage ab 600; fi
 if [ "${SKIP_TESTS:-0}" = "1" ]; then
   benchmarks
 elif [ "$NUM_GPUS" -ge 2 ]; then

@@ -52,3 +52,24 @@ def test_p4_stage_reports_host_time(tmp_path):
                            capture_output=True, text=True, timeout=60)
     rows = [line for line in table.stdout.splitlines() if line.startswith("| P4")]
     assert len(rows) == 2 and "outside execute" in rows[1], table.stdout
+
+
+def test_ab_stage_runs_each_setting(tmp_path):
+    """The A/B stage runs P1 as is and once per AB setting, each in its own process, and the
+    table shows one row per run."""
+    from tests.utils import tiny_llama_config
+    config = tmp_path / "tiny.json"
+    tiny_llama_config(max_position_embeddings=4096).to_json_file(str(config))  # llama stage
+    env = {**os.environ, "SUITE_LLAMA": str(config), "PYTHONPATH": ROOT,
+           "TOKENIZERS_PARALLELISM": "false", "AB": "PAGODA_ATTN_SINGLE_KEYS=512"}
+    suite = os.path.join(ROOT, "benchmarks", "gpu_suite.py")
+    out = str(tmp_path / "out")
+    run = subprocess.run([sys.executable, suite, "ab", "--quick", "--out", out], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    rows = json.loads((tmp_path / "out" / "ab.json").read_text())["rows"]
+    assert [r["setting"] for r in rows] == ["as is", "PAGODA_ATTN_SINGLE_KEYS=512"]
+    assert all(r["decode_ms_per_step"] > 0 for r in rows)
+    table = subprocess.run([sys.executable, suite, "table", "--out", out], env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert len([line for line in table.stdout.splitlines() if line.startswith("| AB")]) == 2
