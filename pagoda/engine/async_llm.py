@@ -166,7 +166,7 @@ class AsyncLLM:
             return None
         delta = kind == RequestOutputKind.DELTA
         completions = [CompletionOutput(
-            c.index, "" if delta else c.text, [] if delta else list(c.token_ids),
+            c.index, "" if delta else c.text_so_far(), [] if delta else list(c.token_ids),
             c.cumulative_logprob, None if delta or c.logprobs is None else list(c.logprobs),
             c.finish_reason or "abort", c.stop_reason)
             for _, c in sorted(parent.children.items())]

@@ -16,24 +16,37 @@ _PRIME_TOKENS = 6
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Any, prompt_token_ids: list[int], params: SamplingParams):
+    """`defer=True` (a request whose text nobody reads before it ends: final-only output, no
+    stop strings) keeps the ids and decodes them in one call when the text is asked for,
+    about 5x cheaper per token than stepping the stream (0.15 vs 0.82 us, plus a Python call
+    per token per step): at batch 256 that is a good part of the host's time per step."""
+
+    def __init__(self, tokenizer: Any, prompt_token_ids: list[int], params: SamplingParams,
+                 defer: bool = False):
         self.tokenizer = tokenizer
         self.skip_special = params.skip_special_tokens
         self.output_ids: list[int] = []
         self.num_emitted_ids = 0  # output ids whose text has been emitted
         self.text = ""
-        backend = getattr(tokenizer, "_tokenizer", None)
+        self.prime = list(prompt_token_ids[-_PRIME_TOKENS:])
+        self.backend = getattr(tokenizer, "_tokenizer", None)
+        self.defer = defer and self.backend is not None
         self.stream = None
-        if backend is not None:
-            from tokenizers.decoders import DecodeStream
-            self.backend = backend
-            self.stream = DecodeStream(skip_special_tokens=self.skip_special)
-            for token_id in prompt_token_ids[-_PRIME_TOKENS:]:
-                self.stream.step(backend, token_id)
+        if self.backend is not None and not self.defer:
+            self.stream = self._primed_stream()
+
+    def _primed_stream(self):
+        from tokenizers.decoders import DecodeStream
+        stream = DecodeStream(skip_special_tokens=self.skip_special)
+        for token_id in self.prime:
+            stream.step(self.backend, token_id)
+        return stream
 
     def add_tokens(self, token_ids: list[int]) -> str:
-        """Appends tokens, returns the text they completed."""
+        """Appends tokens, returns the text they completed ("" while deferred)."""
         self.output_ids.extend(token_ids)
+        if self.defer:
+            return ""
         if self.stream is not None:
             new = ""
             for i, token_id in enumerate(token_ids):
@@ -50,9 +63,9 @@ class IncrementalDetokenizer:
         return new
 
     def flush(self) -> str:
-        """At the end of a request: text for tokens still held back because their bytes
-        never completed a character (decoded with replacement characters, as a full
-        decode would)."""
+        """At the end of a streamed request: text not yet returned. Tokens still held back
+        because their bytes never completed a character are decoded with replacement
+        characters, as a full decode would. (Deferred: see full_text.)"""
         pending = self.output_ids[self.num_emitted_ids:]
         self.num_emitted_ids = len(self.output_ids)
         if not pending:
@@ -60,6 +73,26 @@ class IncrementalDetokenizer:
         new = self.tokenizer.decode(pending, skip_special_tokens=self.skip_special)
         self.text += new
         return new
+
+    def full_text(self) -> str:
+        """Deferred mode: the text of all output ids so far, as the primed stream plus a
+        final flush would give it: the decode of prompt tail + output, less the decode of
+        the prompt tail (so a first token like "▁Hello" keeps its space). Where that is not
+        a prefix (a character split across the boundary), the stream itself."""
+        head = self.backend.decode(self.prime, skip_special_tokens=self.skip_special)
+        full = self.backend.decode(self.prime + self.output_ids,
+                                   skip_special_tokens=self.skip_special)
+        if full.startswith(head) and not head.endswith("\ufffd"):
+            return full[len(head):]
+        stream, text, emitted = self._primed_stream(), "", 0
+        for i, token_id in enumerate(self.output_ids):
+            piece = stream.step(self.backend, token_id)
+            if piece is not None:
+                text, emitted = text + piece, i + 1
+        pending = self.output_ids[emitted:]  # held back to the end: as flush() gives them
+        if pending:
+            text += self.tokenizer.decode(pending, skip_special_tokens=self.skip_special)
+        return text
 
 
 def find_stop_string(text: str, num_new_chars: int, stops: list[str],

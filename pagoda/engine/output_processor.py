@@ -51,6 +51,13 @@ class ChildState:
             self.parent.num_finished += 1
         self.finish_reason, self.stop_reason = reason, stop_reason
 
+    def text_so_far(self) -> str:
+        """The text, decoding now what a final-only request defers to its end (an aborted
+        request's last output needs it)."""
+        if self.detok is not None and self.detok.defer:
+            self.text = self.detok.full_text()
+        return self.text
+
 
 class OutputProcessor:
     def __init__(self, tokenizer: Optional[Any]):
@@ -68,7 +75,9 @@ class OutputProcessor:
             self.parents[parent_id] = parent
         detok = None
         if params.detokenize and self.tokenizer is not None:
-            detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params)
+            # Text nobody reads before the end is decoded once, at the end.
+            defer = params.output_kind == RequestOutputKind.FINAL_ONLY and not params.stop
+            detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params, defer)
         child = ChildState(core_id, index, parent, detok,
                            logprobs=[] if params.logprobs is not None else None,
                            cumulative_logprob=0.0 if params.logprobs is not None else None)
@@ -140,6 +149,11 @@ class OutputProcessor:
         if out.finish_reason is not None:
             child.finish(out.finish_reason, out.stop_reason)
         if child.detok is None:
+            return False
+        if child.detok.defer:  # final-only, no stop strings: the text is made at the end
+            child.detok.add_tokens(out.new_token_ids)
+            if out.finish_reason is not None:
+                child.text_so_far()
             return False
         new_text = child.detok.add_tokens(out.new_token_ids)
         if out.finish_reason is not None:

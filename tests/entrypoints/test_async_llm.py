@@ -214,3 +214,22 @@ def test_a_request_id_in_use_is_refused(engine_args):
 
     outputs = run(engine_args, body)
     assert outputs[-1].finished and len(outputs[-1].outputs[0].token_ids) == 12
+
+
+def test_aborted_final_only_request_keeps_its_text(engine_args):
+    """A final-only request decodes its text at the end; aborted midway, its last output
+    still carries the text of the tokens it had."""
+    async def body(engine):
+        sp = SamplingParams(max_tokens=200, ignore_eos=True, temperature=0,
+                            output_kind=RequestOutputKind.FINAL_ONLY)
+        stream = engine.add_request("f", PROMPT, sp)
+        while len(engine.output_processor.parents["f"].children[0].token_ids) < 5:
+            await asyncio.sleep(0.01)
+        await engine.abort("f")
+        final = await stream.get()
+        return final, engine.tokenizer
+
+    final, tokenizer = run(engine_args, body)
+    completion = final.outputs[0]
+    assert completion.finish_reason == "abort" and len(completion.token_ids) >= 5
+    assert completion.text and completion.text == tokenizer.decode(completion.token_ids)
