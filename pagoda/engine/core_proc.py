@@ -14,6 +14,7 @@ import msgspec
 
 from pagoda.engine.messages import (EngineCoreAbort, EngineCoreOutputs, EngineCoreRequest,
                                     EngineCoreStats)
+from pagoda.gc_tuning import freeze_startup_heap
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ def run_engine_core(engine_args: bytes, input_addr: str, output_addr: str) -> No
     try:
         args = EngineArgs(**msgspec.msgpack.decode(engine_args))
         loop = CoreLoop(EngineCore(args.create_engine_config()))
+        freeze_startup_heap()
         out.send(encoder.encode(EngineCoreOutputs(stats=loop.stats(), ready=True)))
         _busy_loop(loop, inp, out, encoder)
     except SystemExit:

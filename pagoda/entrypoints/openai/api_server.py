@@ -24,6 +24,7 @@ from pagoda.entrypoints.openai.protocol import (ChatCompletionRequest, Completio
 from pagoda.entrypoints.openai.serving import OpenAIServing
 from pagoda.entrypoints.openai.serving_chat import ServingChat
 from pagoda.entrypoints.openai.serving_completion import ServingCompletion
+from pagoda.gc_tuning import SERVER_GEN0_THRESHOLD, freeze_startup_heap
 
 logger = logging.getLogger("pagoda.api_server")
 
@@ -230,6 +231,7 @@ def run_server(args: Namespace, engine_args) -> None:
     names = args.served_model_name or [engine_args.model]
     engine_args.served_model_name = names[0]
     engine = AsyncLLM.from_engine_args(engine_args, log_stats=not args.disable_log_stats)
+    freeze_startup_heap(SERVER_GEN0_THRESHOLD)
     # uvicorn re-raises SIGTERM after its graceful shutdown; turning it into SystemExit lets
     # the `finally` below stop the engine core instead of leaving it to notice it is orphaned.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
