@@ -45,3 +45,27 @@ def test_sampling_matches_one_process(runs):
 def test_impossible_splits_are_refused(tiny_llama_path):
     with pytest.raises(ValueError, match="tensor_parallel_size"):
         LLM(tiny_llama_path, device="cpu", tensor_parallel_size=3)  # 4 heads
+
+
+def test_a_failing_rank_is_reported_while_another_waits():
+    """Rank 0 still inside a collective (no reply) must not hide rank 1's error: the
+    executor takes replies as they arrive, over real pipes."""
+    import multiprocessing
+    import time
+
+    import msgspec
+
+    from pagoda.executor.multiproc import MultiprocExecutor, _Reply
+
+    executor = object.__new__(MultiprocExecutor)  # only the reply side, no ranks spawned
+    executor._reply_decoder = msgspec.msgpack.Decoder(_Reply)
+    pipes = [multiprocessing.Pipe() for _ in range(2)]
+    executor.conns = [ours for ours, _ in pipes]
+    pipes[1][1].send_bytes(msgspec.msgpack.encode(_Reply(ok=False, error="Traceback\nBoom")))
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="rank 1 failed: Boom"):
+        executor._gather()
+    assert time.monotonic() - start < 5
+    pipes[0][1].send_bytes(msgspec.msgpack.encode(_Reply(ok=True, num_blocks=3)))
+    pipes[1][1].send_bytes(msgspec.msgpack.encode(_Reply(ok=True, num_blocks=5)))
+    assert [r.num_blocks for r in executor._gather()] == [3, 5]  # rank order kept
