@@ -10,6 +10,7 @@ cores are idle in a bandwidth-bound pass). Configs come from a sweep on an H200
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -19,6 +20,10 @@ import triton.language as tl
 from pagoda.kernels.pdl import launch_args, wait_then_release
 
 MAX_ROWS = 16
+# PAGODA_SKINNY_ALL=1 routes every half-precision decode projection here, gate_up included:
+# the sweep timed kernels alone, but in a CUDA graph with programmatic dependent launch a
+# cuBLAS kernel also breaks the launch overlap on both sides. For an A/B on the GPU.
+_ALL_SHAPES = os.environ.get("PAGODA_SKINNY_ALL") == "1"
 
 
 @triton.jit
@@ -71,7 +76,7 @@ def beats_cublas(m: int, n: int, k: int, dtype: torch.dtype) -> bool:
     55.1 vs 57.0 us), and fp32 keeps cuBLAS's exact reduction order."""
     if not 0 < m <= MAX_ROWS or dtype not in (torch.bfloat16, torch.float16):
         return False
-    return n <= 16384 or (n >= 65536 and k >= 4096)
+    return _ALL_SHAPES or n <= 16384 or (n >= 65536 and k >= 4096)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None

@@ -39,3 +39,11 @@ def test_dispatch_rule():
     assert beats_cublas(1, 128256, 4096, bf16)  # Llama-3.1-8B's LM head
     assert not beats_cublas(1, 151936, 1024, bf16)  # a narrow LM head was not measured
     assert not beats_cublas(1, 4096, 4096, torch.float32)
+
+
+def test_dispatch_rule_all_shapes_for_ab_runs(monkeypatch):
+    from pagoda.kernels import skinny_gemm
+    monkeypatch.setattr(skinny_gemm, "_ALL_SHAPES", True)  # PAGODA_SKINNY_ALL=1
+    assert beats_cublas(1, 28672, 4096, torch.bfloat16)
+    assert not beats_cublas(17, 28672, 4096, torch.bfloat16)
+    assert not beats_cublas(1, 28672, 4096, torch.float32)
