@@ -52,3 +52,28 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: Optional[RequestMetrics] = None
     extra: dict = field(default_factory=dict)
+
+    def add_delta(self, later: "RequestOutput") -> None:
+        """Folds a later delta output of the same request into this one (a reader that fell
+        behind gets one output instead of several): text and tokens are appended per
+        completion index, the rest is taken from the later output."""
+        by_index = {c.index: c for c in self.outputs}
+        for comp in later.outputs:
+            mine = by_index.get(comp.index)
+            if mine is None:
+                self.outputs.append(comp)
+                by_index[comp.index] = comp
+                continue
+            mine.text += comp.text
+            mine.token_ids.extend(comp.token_ids)
+            if mine.logprobs is not None and comp.logprobs is not None:
+                mine.logprobs.extend(comp.logprobs)
+            mine.cumulative_logprob = comp.cumulative_logprob
+            mine.finish_reason, mine.stop_reason = comp.finish_reason, comp.stop_reason
+        self.outputs.sort(key=lambda c: c.index)
+        if self.prompt_logprobs is None:
+            self.prompt_logprobs = later.prompt_logprobs
+        self.finished = later.finished
+        self.num_cached_tokens = later.num_cached_tokens
+        self.metrics = later.metrics
+

@@ -40,16 +40,27 @@ class RequestStream:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.closed = False  # the engine has let go of the request (finished or aborted)
         self.done = False  # the reader has seen the last item
+        self._held = None  # taken from the queue while merging, handed out next
 
     def put(self, item) -> None:
         self.queue.put_nowait(item)
 
     async def get(self) -> RequestOutput:
-        item = await self.queue.get()
-        # Cumulative outputs supersede each other: a slow reader only needs the latest.
-        while self.kind == RequestOutputKind.CUMULATIVE and not isinstance(
-                item, BaseException) and not item.finished and not self.queue.empty():
-            item = self.queue.get_nowait()
+        item, self._held = (self._held, None) if self._held is not None else (
+            await self.queue.get(), None)
+        # A reader that fell behind gets one output for all that is queued: the latest
+        # cumulative one, or the deltas folded together (fewer SSE chunks and socket
+        # writes exactly when the server is busiest). An exception is raised after it.
+        while (self.kind != RequestOutputKind.FINAL_ONLY and not self.queue.empty()
+               and not isinstance(item, BaseException) and not item.finished):
+            later = self.queue.get_nowait()
+            if isinstance(later, BaseException):
+                self._held = later
+                break
+            if self.kind == RequestOutputKind.DELTA:
+                item.add_delta(later)
+            else:
+                item = later
         if isinstance(item, BaseException):
             self.done = True
             raise item

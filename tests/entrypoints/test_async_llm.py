@@ -233,3 +233,37 @@ def test_aborted_final_only_request_keeps_its_text(engine_args):
     completion = final.outputs[0]
     assert completion.finish_reason == "abort" and len(completion.token_ids) >= 5
     assert completion.text and completion.text == tokenizer.decode(completion.token_ids)
+
+
+def _delta(index, text, ids, finished=False):
+    from pagoda.outputs import CompletionOutput, RequestOutput
+    comp = CompletionOutput(index, text, list(ids), -1.0 * len(ids), None,
+                            "length" if finished else None)
+    return RequestOutput("r", "p", [1, 2], None, [comp], finished)
+
+
+def test_a_reader_behind_gets_queued_deltas_folded_together():
+    """Deltas queued while the reader was busy come out as one output per completion index;
+    an error queued after them is raised on the next read, not lost."""
+    from pagoda.engine.async_llm import RequestStream
+
+    async def body():
+        stream = RequestStream(None, "r", RequestOutputKind.DELTA)
+        for item in (_delta(0, "Hel", [5]), _delta(1, "A", [9]), _delta(0, "lo", [6, 7]),
+                     _delta(1, "B", [8], finished=True)):
+            stream.put(item)
+        merged = await stream.get()
+        stream2 = RequestStream(None, "s", RequestOutputKind.DELTA)
+        stream2.put(_delta(0, "x", [1]))
+        stream2.put(RuntimeError("core died"))
+        first = await stream2.get()
+        with pytest.raises(RuntimeError, match="core died"):
+            await stream2.get()
+        return merged, first
+
+    merged, first = asyncio.run(body())
+    assert [(c.index, c.text, c.token_ids) for c in merged.outputs] == [
+        (0, "Hello", [5, 6, 7]), (1, "AB", [9, 8])]
+    assert merged.finished and merged.outputs[1].finish_reason == "length"
+    assert merged.outputs[0].cumulative_logprob == -2.0  # the later value
+    assert first.outputs[0].text == "x"
