@@ -6,6 +6,15 @@ import os
 if not os.path.exists("/dev/nvidiactl"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# GGUF conversions (pagoda/model_loader/gguf_loader.py) are cached on disk: tests keep theirs
+# in a folder of their own, not in the user's ~/.cache/pagoda (server subprocesses inherit it).
+if "PAGODA_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+    os.environ["PAGODA_CACHE_DIR"] = tempfile.mkdtemp(prefix="pagoda-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["PAGODA_CACHE_DIR"], ignore_errors=True)
+
 import pytest
 
 from tests.utils import make_model, tiny_llama_config

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import logging
 import os
+import shutil
 from typing import Iterator
 
 import numpy as np
@@ -32,17 +34,52 @@ def _split(path: str) -> tuple[str, str]:
     return os.path.dirname(path), os.path.basename(path)
 
 
+def _converted_dir(path: str, kind: str) -> str:
+    """Where the transformers conversion of this file version (config or tokenizer) is kept:
+    PAGODA_CACHE_DIR (default ~/.cache/pagoda)/gguf/<hash of path, mtime, size>/<kind>."""
+    st = os.stat(path)
+    key = hashlib.sha256(f"{path}\0{st.st_mtime_ns}\0{st.st_size}".encode()).hexdigest()[:32]
+    root = os.environ.get("PAGODA_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "pagoda")
+    return os.path.join(root, "gguf", key, kind)
+
+
+def _converted(path: str, kind: str, marker: str, load_saved, convert):
+    """transformers parses the whole vocabulary to build a config or a tokenizer from GGUF
+    metadata (3-6 s for SmolLM2, on every start and in both server processes). The result is
+    saved once as plain JSON files (save_pretrained) and read back from there: a config in
+    ~1 ms, a tokenizer in ~0.3 s. A cache that cannot be written or read is skipped."""
+    folder = _converted_dir(path, kind)
+    if os.path.isfile(os.path.join(folder, marker)):
+        try:
+            return load_saved(folder)
+        except Exception:  # a damaged cache entry: convert again
+            logger.warning("ignoring the unreadable GGUF conversion cache %s", folder)
+    result = convert()
+    tmp = f"{folder}.tmp-{os.getpid()}"
+    try:
+        result.save_pretrained(tmp)
+        os.replace(tmp, folder)  # atomic; another process may have won the race
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return result
+
+
 @functools.lru_cache(maxsize=4)
 def _cached_config(path: str, mtime_ns: int, size: int):
-    # transformers parses the whole vocabulary for a config (seconds); the engine asks for the
-    # config several times (engine args, loader), so keep it per file version.
+    # The engine asks for the config several times (engine args, loader): keep it per file
+    # version in memory too.
     from transformers import AutoConfig
     header = read_gguf_header(path)
     folder, name = _split(path)
-    try:
-        config = AutoConfig.from_pretrained(folder, gguf_file=name)
-    except Exception as exc:  # transformers raises many types for unsupported content
-        raise ValueError(f"{path}: cannot build a config from GGUF metadata: {exc}") from exc
+
+    def convert():
+        try:
+            return AutoConfig.from_pretrained(folder, gguf_file=name)
+        except Exception as exc:  # transformers raises many types for unsupported content
+            raise ValueError(f"{path}: cannot build a config from GGUF metadata: {exc}") from exc
+
+    config = _converted(path, "config", "config.json", AutoConfig.from_pretrained, convert)
     config.architectures = [_causal_lm_class(config, path)]
     config.dtype = _checkpoint_dtype(header)
     return config
@@ -85,10 +122,18 @@ def load_gguf_tokenizer(path: str, **kwargs):
     path = os.path.abspath(os.fspath(path))
     read_gguf_header(path)  # validate before transformers' unchecked reader sees the file
     folder, name = _split(path)
-    try:
-        return AutoTokenizer.from_pretrained(folder, gguf_file=name, **kwargs)
-    except Exception as exc:
-        raise ValueError(f"{path}: cannot build a tokenizer from GGUF metadata: {exc}") from exc
+
+    def convert():
+        try:
+            return AutoTokenizer.from_pretrained(folder, gguf_file=name, **kwargs)
+        except Exception as exc:
+            raise ValueError(f"{path}: cannot build a tokenizer from GGUF metadata: "
+                             f"{exc}") from exc
+
+    if kwargs:  # options change the tokenizer: not the cached conversion
+        return convert()
+    return _converted(path, "tokenizer", "tokenizer_config.json", AutoTokenizer.from_pretrained,
+                      convert)
 
 
 # ---------------------------------------------------------------- weights

