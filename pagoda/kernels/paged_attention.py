@@ -89,6 +89,12 @@ def _key_tiles(context, local_block, q_len, kv_len, window, split, BLOCK_Q: tl.c
 
 
 @triton.jit
+def _store_normalised(out_ptr, offsets, acc, l_i, mask):
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
     block_table_ptr, seq_lens_ptr, query_start_ptr, alibi_ptr,
@@ -133,7 +139,7 @@ def _attention_kernel(
     tile_lo, tile_hi, kv_end, single = _key_tiles(
         context, local_block, q_len, kv_len, window, split, BLOCK_Q, TILE_N, NUM_SPLITS,
         SINGLE_TILES, USE_WINDOW)
-    if single and split > 0:
+    if single & (split > 0):  # one expression, no `and`: older Triton compilers
         return
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -168,14 +174,14 @@ def _attention_kernel(
         m_i = m_new
 
     io_mask = row_mask[:, None] & d_mask[None, :]
+    out_offsets = tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
     part = (tok * num_heads + head) * NUM_SPLITS + split  # [T, H, S] row index
-    if NUM_SPLITS == 1 or single:
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=io_mask)
-        if NUM_SPLITS > 1:  # split 0's sum < 0: the reduce leaves this row alone
-            tl.store(part_ml_ptr + part * 2 + 1, tl.full([BLOCK_M], -1.0, tl.float32),
-                     mask=row_mask)
+    if NUM_SPLITS == 1:
+        _store_normalised(out_ptr, out_offsets, acc, l_i, io_mask)
+    elif single:  # split 0's sum < 0 tells the reduce to leave this row alone
+        _store_normalised(out_ptr, out_offsets, acc, l_i, io_mask)
+        tl.store(part_ml_ptr + part * 2 + 1, tl.full([BLOCK_M], -1.0, tl.float32),
+                 mask=row_mask)
     else:
         tl.store(part_acc_ptr + part[:, None] * head_dim + d[None, :], acc, mask=io_mask)
         tl.store(part_ml_ptr + part * 2, m_i, mask=row_mask)
