@@ -103,6 +103,9 @@ ENGINE_SETTINGS = {
 CASES = [(f, s) for f in FAMILIES for s in ENGINE_SETTINGS if s != "preempt" or f in PREEMPT]
 
 
+EAGER_REFERENCE = {"gemma2"}
+
+
 def skip_if_reference_wrong(family: str) -> None:
     """transformers' own reference is wrong in one known case: before 5.24 (5.17 checked),
     Phi-3's generate() drops the KV cache at the longrope switch but still feeds only the
@@ -124,7 +127,10 @@ def checkpoints(tmp_path_factory):
             path = str(tmp_path_factory.mktemp(name))
             config = FAMILIES[name]()
             make_model(path, config)
-            hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            # Eager attention for soft-capped families: transformers 5.17 (the H200 image's)
+            # gives Gemma 2 SDPA, which drops the attention soft cap; 5.24 forces eager.
+            eager = {"attn_implementation": "eager"} if name in EAGER_REFERENCE else {}
+            hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **eager)
             prompts = make_prompts(config.vocab_size, LENGTHS, shared=32)
             cache[name] = (path, prompts, [hf_greedy(hf, p, MAX_NEW) for p in prompts])
         return cache[name]
