@@ -60,7 +60,8 @@ def _converted(path: str, kind: str, marker: str, load_saved, convert):
     try:
         result.save_pretrained(tmp)
         os.replace(tmp, folder)  # atomic; another process may have won the race
-    except OSError:
+    except Exception as exc:  # the cache is an optimisation: never fail a load over it
+        logger.debug("GGUF conversion cache not written to %s: %s", folder, exc)
         shutil.rmtree(tmp, ignore_errors=True)
     return result
 

@@ -348,3 +348,12 @@ def test_conversion_cache_gives_the_same_config_and_tokenizer(smollm2, tmp_path,
     assert warm_tok.chat_template == cold_tok.chat_template
     assert (warm_tok.bos_token_id, warm_tok.eos_token_id) == (1, 2)
     gguf_loader._cached_config.cache_clear()
+
+
+def test_conversion_cache_that_cannot_be_written_is_skipped(smollm2, tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")  # the cache root is a file: nothing can be saved under it
+    monkeypatch.setenv("PAGODA_CACHE_DIR", str(blocker))
+    gguf_loader._cached_config.cache_clear()
+    assert load_gguf_config(smollm2).architectures == ["LlamaForCausalLM"]
+    gguf_loader._cached_config.cache_clear()
