@@ -53,8 +53,9 @@ def _converted(path: str, kind: str, marker: str, load_saved, convert):
     if os.path.isfile(os.path.join(folder, marker)):
         try:
             return load_saved(folder)
-        except Exception:  # a damaged cache entry: convert again
-            logger.warning("ignoring the unreadable GGUF conversion cache %s", folder)
+        except Exception:  # a damaged cache entry: convert again and replace it
+            logger.warning("replacing the unreadable GGUF conversion cache %s", folder)
+            shutil.rmtree(folder, ignore_errors=True)
     result = convert()
     tmp = f"{folder}.tmp-{os.getpid()}"
     try:
