@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -36,9 +37,12 @@ def _split(path: str) -> tuple[str, str]:
 
 def _converted_dir(path: str, kind: str) -> str:
     """Where the transformers conversion of this file version (config or tokenizer) is kept:
-    PAGODA_CACHE_DIR (default ~/.cache/pagoda)/gguf/<hash of path, mtime, size>/<kind>."""
+    PAGODA_CACHE_DIR (default ~/.cache/pagoda)/gguf/<hash of path, mtime, size and the
+    transformers version, whose conversion it is>/<kind>."""
+    import transformers
     st = os.stat(path)
-    key = hashlib.sha256(f"{path}\0{st.st_mtime_ns}\0{st.st_size}".encode()).hexdigest()[:32]
+    key = hashlib.sha256(f"{path}\0{st.st_mtime_ns}\0{st.st_size}\0{transformers.__version__}"
+                         .encode()).hexdigest()[:32]
     root = os.environ.get("PAGODA_CACHE_DIR") or os.path.join(
         os.path.expanduser("~"), ".cache", "pagoda")
     return os.path.join(root, "gguf", key, kind)
@@ -169,20 +173,45 @@ def _expected_params(config) -> tuple[_NameShim, dict[str, tuple[int, ...]]]:
 
 
 def _name_map_and_processor(header: GGUFHeader, config):
-    from transformers.modeling_gguf_pytorch_utils import (
-        TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map)
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
     arch = header.metadata.get("general.architecture")
     if not isinstance(arch, str):
         raise ValueError(f"{header.path}: invalid GGUF file: no general.architecture")
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())
+    name_map, shapes = _weights_map(header.path, arch, config, processor)
+    return name_map, processor, shapes
+
+
+def _weights_map(path: str, arch: str, config, processor) -> tuple[dict, dict]:
+    """GGUF -> HF names and the HF parameter shapes. Working them out imports transformers'
+    model classes and builds the model on the meta device (~1.9 s for SmolLM2, in the
+    engine-core process at every start), so they are kept as JSON beside the converted config,
+    per config (a caller may pass its own)."""
+    from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
+    digest = hashlib.sha256(config.to_json_string(use_diff=False).encode()).hexdigest()[:16]
+    file = os.path.join(_converted_dir(path, "weights_map"), f"{digest}.json")
+    try:
+        with open(file) as f:
+            saved = json.load(f)
+        return saved["names"], {k: tuple(v) for k, v in saved["shapes"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # not cached yet (or damaged): work it out
     shim, shapes = _expected_params(config)
     try:
         name_map = get_gguf_hf_weights_map(shim, processor, model_type=arch,
                                            num_layers=config.num_hidden_layers)
     except NotImplementedError as exc:
-        raise ValueError(f"{header.path}: GGUF architecture {arch!r} is not supported: "
+        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported: "
                          f"{exc}") from exc
-    return name_map, processor, shapes
+    try:
+        os.makedirs(os.path.dirname(file), exist_ok=True)
+        tmp = f"{file}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump({"names": name_map, "shapes": shapes}, f)
+        os.replace(tmp, file)
+    except Exception as exc:  # an optimisation only
+        logger.debug("GGUF weights map not cached at %s: %s", file, exc)
+    return name_map, shapes
 
 
 def _dequantize(buf, info: GGUFTensorInfo, path: str) -> np.ndarray:

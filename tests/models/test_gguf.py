@@ -1,6 +1,7 @@
 """GGUF loading: a tiny Llama written with gguf.GGUFWriter read back tensor by tensor, crafted
 and truncated files rejected with a ValueError naming the file, and the bundled SmolLM2 file."""
 
+import copy
 import os
 import struct
 
@@ -118,6 +119,26 @@ def test_tiny_round_trip(tiny):
     for proj in ("q_proj", "k_proj"):
         name = f"model.layers.0.self_attn.{proj}.weight"
         assert np.array_equal(loaded[name].numpy(), weights[name])
+
+
+def test_weights_map_cached_per_config(tiny, tmp_path, monkeypatch):
+    """The GGUF -> HF name map is worked out once (it builds the HF model on the meta device)
+    and read back on later loads, for the same config only."""
+    path, config, weights = tiny
+    monkeypatch.setenv("PAGODA_CACHE_DIR", str(tmp_path))
+    cold = {k: v.clone() for k, v in iterate_gguf_weights(path, config)}
+    assert len(list(tmp_path.rglob("weights_map/*.json"))) == 1
+
+    def not_again(*args):
+        raise AssertionError("the weights map was worked out again")
+
+    monkeypatch.setattr(gguf_loader, "_expected_params", not_again)
+    warm = dict(iterate_gguf_weights(path, config))
+    assert set(warm) == set(cold) and all(torch.equal(warm[k], cold[k]) for k in cold)
+    other = copy.deepcopy(config)
+    other.rms_norm_eps = config.rms_norm_eps * 2  # another config: not the cached map
+    with pytest.raises(AssertionError, match="worked out again"):
+        next(iterate_gguf_weights(path, other))
 
 
 def test_tiny_config_and_header(tiny):
