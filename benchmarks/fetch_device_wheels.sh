@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Wheels for the GPU machine's image (Python 3.12, no internet there), into the git-ignored
 # .whl/ that device calls carry (carry: [".whl"]): the engine's msgspec, the server's stack
-# for the P5 stage, and pytest-xdist for the suite's parallel test groups. Versions are pinned
-# to this machine's (a set known to work together, e.g. pydantic with its pydantic_core).
+# for the P5 stage, pytest-xdist for the suite's parallel test groups, and the transformers
+# CI tests against (the image's 5.17 gives wrong references for two model families; the
+# suite puts this one in front for the tests only). Versions are pinned to this machine's (a
+# set known to work together, e.g. pydantic with its pydantic_core).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PKGS="msgspec pyzmq pydantic pydantic_core fastapi starlette uvicorn annotated_types
   annotated_doc typing_extensions typing_inspection prometheus_client h11 click anyio sniffio
-  httpx httpcore certifi idna opentelemetry-api pytest-xdist execnet"
+  httpx httpcore certifi idna opentelemetry-api pytest-xdist execnet transformers"
 PINS=$(python - $PKGS <<'PY'
 import sys
 from importlib.metadata import PackageNotFoundError, version
