@@ -1,0 +1,86 @@
+"""Compiles the decode-path Triton kernels for an H100/H200 (sm90) on any machine, GPU or
+not: Triton's wheel carries ptxas. A compile error that the interpreter (CI's CPU path) cannot
+see shows up here before a device call is spent on it. With Triton 3.6 on the path (the H200
+image's: `pip install --no-deps --target DIR triton==3.6.0`, then PYTHONPATH=DIR:.) it checks
+what the device will compile. Exits 1 if any kernel fails; prints one line per kernel.
+
+    python benchmarks/compile_check.py
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("compile_check: unset TRITON_INTERPRET (the interpreter compiles nothing)")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+from pagoda.kernels.activation import _act_and_mul_kernel  # noqa: E402
+from pagoda.kernels.kv_cache import _rope_write_kv_kernel  # noqa: E402
+from pagoda.kernels.layernorm import _rms_norm_kernel  # noqa: E402
+from pagoda.kernels.paged_attention import _attention_kernel, _reduce_splits_kernel  # noqa: E402
+from pagoda.kernels.skinny_gemm import _skinny_gemm_kernel  # noqa: E402
+
+BF16 = "*bf16"
+ATTENTION_TYPES = {"q_ptr": BF16, "k_ptr": BF16, "v_ptr": BF16, "out_ptr": BF16,
+                   "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "block_table_ptr": "*i32",
+                   "seq_lens_ptr": "*i32", "query_start_ptr": "*i32", "alibi_ptr": BF16,
+                   "scale": "fp32", "soft_cap": "fp32"}
+
+
+def _attention(splits: int, single: int, window: bool = False) -> dict:
+    return dict(BLOCK_Q=16, BLOCK_M=16, QPKV_P2=4, DIM_P2=128, TILE_N=128, NUM_SPLITS=splits,
+                USE_SOFT_CAP=window, USE_WINDOW=window, USE_ALIBI=False, PAGED=True,
+                DOT_PREC="tf32", USE_PDL=True, SINGLE_TILES=single)
+
+
+# (kernel, constexprs, argument types; unnamed arguments are i32) at Llama-3.1-8B decode shapes
+CASES = [
+    (_attention_kernel, _attention(1, 0), ATTENTION_TYPES),
+    (_attention_kernel, _attention(16, 0), ATTENTION_TYPES),
+    (_attention_kernel, _attention(16, 4, window=True), ATTENTION_TYPES),
+    (_reduce_splits_kernel, dict(NUM_SPLITS=16, SPLITS_P2=16, DIM_P2=128, USE_PDL=True),
+     {"out_ptr": BF16, "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32",
+      "query_start_ptr": "*i32"}),
+    (_skinny_gemm_kernel, dict(HAS_BIAS=False, EVEN_K=True, BLOCK_N=64, BLOCK_K=256,
+                               DOT_PREC="tf32", USE_PDL=True),
+     {"x_ptr": BF16, "w_ptr": BF16, "b_ptr": BF16, "y_ptr": BF16}),
+    (_rms_norm_kernel, dict(BLOCK_N=4096, ADD_RESIDUAL=True, USE_PDL=True),
+     {"x_ptr": BF16, "res_ptr": BF16, "w_ptr": BF16, "out_ptr": BF16, "eps": "fp32"}),
+    (_act_and_mul_kernel, dict(ACT=0, BLOCK=1024, USE_PDL=True),
+     {"x_ptr": BF16, "out_ptr": BF16}),
+    (_rope_write_kv_kernel, dict(QH_P2=32, KH_P2=8, DIM_P2=128, HALF_P2=64, IS_NEOX=True,
+                                 USE_PDL=True),
+     {"pos_ptr": "*i64", "q_ptr": BF16, "k_ptr": BF16, "v_ptr": BF16, "cos_sin_ptr": "*fp32",
+      "cache_ptr": BF16, "slot_ptr": "*i64"}),
+]
+
+
+def compile_sm90(kernel, constexprs: dict, types: dict) -> None:
+    names = list(inspect.signature(kernel.fn).parameters)
+    signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
+    source = triton.compiler.ASTSource(
+        fn=kernel, signature=signature,
+        constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    triton.compile(source, target=GPUTarget("cuda", 90, 32))
+
+
+def main() -> int:
+    print(f"triton {triton.__version__}")
+    failed = 0
+    for kernel, constexprs, types in CASES:
+        try:
+            compile_sm90(kernel, constexprs, types)
+            print(f"ok    {kernel.fn.__name__}")
+        except Exception as exc:  # report every kernel, then fail
+            failed += 1
+            print(f"FAIL  {kernel.fn.__name__}: {type(exc).__name__}: {str(exc)[:600]}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
