@@ -22,9 +22,13 @@ class RequestStatus(enum.IntEnum):
         return self >= RequestStatus.FINISHED_STOPPED
 
     def finish_reason(self) -> Optional[str]:
-        return {RequestStatus.FINISHED_STOPPED: "stop",
-                RequestStatus.FINISHED_LENGTH_CAPPED: "length",
-                RequestStatus.FINISHED_ABORTED: "abort"}.get(self)
+        return _FINISH_REASONS.get(self)
+
+
+# Looked up for every running request at every step: built once.
+_FINISH_REASONS = {RequestStatus.FINISHED_STOPPED: "stop",
+                   RequestStatus.FINISHED_LENGTH_CAPPED: "length",
+                   RequestStatus.FINISHED_ABORTED: "abort"}
 
 
 class Request:

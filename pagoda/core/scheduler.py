@@ -123,7 +123,7 @@ class Scheduler:
             if blocks is None:
                 break
             num_scheduled[request.request_id] = num_new
-            new_blocks[request.request_id] = [b.block_id for b in blocks]
+            new_blocks[request.request_id] = [b.block_id for b in blocks] if blocks else []
             budget -= num_new
             i += 1
         return budget
@@ -195,26 +195,28 @@ class Scheduler:
             if not new_ids and prompt_lps is None:
                 continue
             logprobs = result.logprobs[i] if result.logprobs else None
+            status = request.status
             outputs.append(EngineCoreOutput(
                 request_id=req_id, new_token_ids=new_ids, new_logprobs=logprobs,
-                new_prompt_logprobs=prompt_lps, finish_reason=request.finish_reason(),
+                new_prompt_logprobs=prompt_lps, finish_reason=status.finish_reason(),
                 stop_reason=request.stop_reason, num_cached_tokens=request.num_cached_tokens))
-            if request.is_finished():
+            if status.finished:
                 self.running.remove(request)
-                self._free(request, request.status)
+                self._free(request, status)
         return outputs
 
     def _check_stop(self, request: Request, token_id: int) -> bool:
         params = request.sampling_params
         status: Optional[RequestStatus] = None
-        if request.num_output_tokens >= params.min_tokens:
+        num_output = len(request.output_token_ids)  # runs per request per step: no properties
+        if num_output >= params.min_tokens:
             if not params.ignore_eos and token_id == request.eos_token_id:
                 status = RequestStatus.FINISHED_STOPPED
             elif token_id in params.all_stop_token_ids:
                 status = RequestStatus.FINISHED_STOPPED
                 request.stop_reason = token_id
-        if status is None and (request.num_output_tokens >= request.max_tokens
-                               or request.num_tokens >= self.config.max_model_len):
+        if status is None and (num_output >= request.max_tokens
+                               or len(request.all_token_ids) >= self.config.max_model_len):
             status = RequestStatus.FINISHED_LENGTH_CAPPED
         if status is not None:
             request.status = status
