@@ -36,9 +36,9 @@ def _split(path: str) -> tuple[str, str]:
 
 
 def _converted_dir(path: str, kind: str) -> str:
-    """Where the transformers conversion of this file version (config or tokenizer) is kept:
-    PAGODA_CACHE_DIR (default ~/.cache/pagoda)/gguf/<hash of path, mtime, size and the
-    transformers version, whose conversion it is>/<kind>."""
+    """Where the transformers conversion of this file version (config, tokenizer, weight
+    map) is kept: PAGODA_CACHE_DIR (default ~/.cache/pagoda)/gguf/<hash of path, mtime, size
+    and the transformers version, whose conversion it is>/<kind>."""
     import transformers
     st = os.stat(path)
     key = hashlib.sha256(f"{path}\0{st.st_mtime_ns}\0{st.st_size}\0{transformers.__version__}"
@@ -48,11 +48,17 @@ def _converted_dir(path: str, kind: str) -> str:
     return os.path.join(root, "gguf", key, kind)
 
 
-def _converted(path: str, kind: str, marker: str, load_saved, convert):
+def _save_pretrained(result, folder: str) -> None:
+    result.save_pretrained(folder)
+
+
+def _converted(path: str, kind: str, marker: str, load_saved, convert,
+               save=_save_pretrained):
     """transformers parses the whole vocabulary to build a config or a tokenizer from GGUF
     metadata (3-6 s for SmolLM2, on every start and in both server processes). The result is
-    saved once as plain JSON files (save_pretrained) and read back from there: a config in
-    ~1 ms, a tokenizer in ~0.3 s. A cache that cannot be written or read is skipped."""
+    saved once as plain JSON files (`save`, by default save_pretrained) and read back from
+    there: a config in ~1 ms, a tokenizer in ~0.3 s. A cache that cannot be written or read
+    is skipped."""
     folder = _converted_dir(path, kind)
     if os.path.isfile(os.path.join(folder, marker)):
         try:
@@ -63,7 +69,7 @@ def _converted(path: str, kind: str, marker: str, load_saved, convert):
     result = convert()
     tmp = f"{folder}.tmp-{os.getpid()}"
     try:
-        result.save_pretrained(tmp)
+        save(result, tmp)
         os.replace(tmp, folder)  # atomic; another process may have won the race
     except Exception as exc:  # the cache is an optimisation: never fail a load over it
         logger.debug("GGUF conversion cache not written to %s: %s", folder, exc)
@@ -189,29 +195,28 @@ def _weights_map(path: str, arch: str, config, processor) -> tuple[dict, dict]:
     per config (a caller may pass its own)."""
     from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
     digest = hashlib.sha256(config.to_json_string(use_diff=False).encode()).hexdigest()[:16]
-    file = os.path.join(_converted_dir(path, "weights_map"), f"{digest}.json")
-    try:
-        with open(file) as f:
+
+    def convert():
+        shim, shapes = _expected_params(config)
+        try:
+            name_map = get_gguf_hf_weights_map(shim, processor, model_type=arch,
+                                               num_layers=config.num_hidden_layers)
+        except NotImplementedError as exc:
+            raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported: "
+                             f"{exc}") from exc
+        return name_map, shapes
+
+    def load_saved(folder):
+        with open(os.path.join(folder, "map.json")) as f:
             saved = json.load(f)
         return saved["names"], {k: tuple(v) for k, v in saved["shapes"].items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        pass  # not cached yet (or damaged): work it out
-    shim, shapes = _expected_params(config)
-    try:
-        name_map = get_gguf_hf_weights_map(shim, processor, model_type=arch,
-                                           num_layers=config.num_hidden_layers)
-    except NotImplementedError as exc:
-        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported: "
-                         f"{exc}") from exc
-    try:
-        os.makedirs(os.path.dirname(file), exist_ok=True)
-        tmp = f"{file}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump({"names": name_map, "shapes": shapes}, f)
-        os.replace(tmp, file)
-    except Exception as exc:  # an optimisation only
-        logger.debug("GGUF weights map not cached at %s: %s", file, exc)
-    return name_map, shapes
+
+    def save(result, folder):
+        os.makedirs(folder)
+        with open(os.path.join(folder, "map.json"), "w") as f:
+            json.dump({"names": result[0], "shapes": result[1]}, f)
+
+    return _converted(path, f"weights_map-{digest}", "map.json", load_saved, convert, save)
 
 
 def _dequantize(buf, info: GGUFTensorInfo, path: str) -> np.ndarray:
