@@ -87,10 +87,7 @@ class Scheduler:
         restarted = [r for r in self.running if not r.rope_long and r.num_tokens > limit]
         for request in reversed(restarted):  # appendleft: keep their order at the head
             self.running.remove(request)
-            self.kv.free(request)
-            request.status = RequestStatus.PREEMPTED
-            request.num_computed_tokens = 0
-            self.waiting.appendleft(request)
+            self._requeue(request)
         return restarted
 
     def _set_rope_mode(self, request: Request) -> None:
@@ -123,7 +120,7 @@ class Scheduler:
             if blocks is None:
                 break
             num_scheduled[request.request_id] = num_new
-            new_blocks[request.request_id] = [b.block_id for b in blocks] if blocks else []
+            new_blocks[request.request_id] = [b.block_id for b in blocks]
             budget -= num_new
             i += 1
         return budget
@@ -154,11 +151,16 @@ class Scheduler:
             budget -= num_new
 
     def _preempt(self, request: Request) -> None:
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self._requeue(request)
+
+    def _requeue(self, request: Request) -> None:
+        """Frees the request's blocks and puts it back at the head of the queue, to be
+        computed again from its first token."""
         self.kv.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
-        request.num_preemptions += 1
-        self.num_preemptions += 1
         self.waiting.appendleft(request)
 
     def _build_output(self, num_scheduled: dict, new_blocks: dict, new_reqs: list,
