@@ -46,8 +46,10 @@ class RequestStream:
         self.queue.put_nowait(item)
 
     async def get(self) -> RequestOutput:
-        item, self._held = (self._held, None) if self._held is not None else (
-            await self.queue.get(), None)
+        if self._held is not None:
+            item, self._held = self._held, None
+        else:
+            item = await self.queue.get()
         # A reader that fell behind gets one output for all that is queued: the latest
         # cumulative one, or the deltas folded together (fewer SSE chunks and socket
         # writes exactly when the server is busiest). An exception is raised after it.

@@ -16,6 +16,15 @@ from pagoda.sampling_params import SamplingParams
 PromptType = Union[str, dict]
 
 
+def kept_prompt_tokens(truncate_prompt_tokens: Optional[int], max_model_len: int
+                       ) -> Optional[int]:
+    """How many of the last prompt tokens truncate_prompt_tokens keeps: -1 keeps as many as
+    leave room for one generated token; None keeps the whole prompt."""
+    if truncate_prompt_tokens == -1:
+        return max_model_len - 1
+    return truncate_prompt_tokens
+
+
 class InputProcessor:
     def __init__(self, model_config: ModelConfig, tokenizer: Optional[Any]):
         self.model_config = model_config
@@ -64,13 +73,9 @@ class InputProcessor:
         raise ValueError("prompt must be a string or a dict with 'prompt_token_ids' or 'prompt'")
 
     def _truncate(self, token_ids: list[int], keep: Optional[int]) -> list[int]:
-        """Left truncation, as vLLM's truncate_prompt_tokens: the last `keep` tokens; -1
-        keeps as many as leave room for one generated token."""
-        if keep is None:
-            return token_ids
-        if keep == -1:
-            keep = self.model_config.max_model_len - 1
-        return token_ids[-keep:]
+        """Left truncation, as vLLM's truncate_prompt_tokens."""
+        keep = kept_prompt_tokens(keep, self.model_config.max_model_len)
+        return token_ids if keep is None else token_ids[-keep:]
 
     def _bad_words_token_ids(self, words: list[str]) -> list[list[int]]:
         """Each word as it tokenizes at the start of a text and after a space. The spaced

@@ -13,6 +13,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from pagoda.engine.async_llm import AsyncLLM, RequestStream
 from pagoda.engine.core_client import EngineDeadError
+from pagoda.engine.input_processor import kept_prompt_tokens
 from pagoda.entrypoints.openai.errors import OpenAIError, clip, error_body
 from pagoda.entrypoints.openai.protocol import UsageInfo
 from pagoda.outputs import Logprob, RequestOutput
@@ -45,10 +46,9 @@ class OpenAIServing:
                        truncate_prompt_tokens: Optional[int] = None) -> int:
         """truncate_prompt_tokens: the prompt is cut to its last k tokens by the engine
         (-1: to max_model_len - 1), so the room is counted after the cut."""
-        if truncate_prompt_tokens == -1:
-            num_prompt_tokens = min(num_prompt_tokens, self.max_model_len - 1)
-        elif truncate_prompt_tokens is not None and truncate_prompt_tokens > 0:
-            num_prompt_tokens = min(num_prompt_tokens, truncate_prompt_tokens)
+        keep = kept_prompt_tokens(truncate_prompt_tokens, self.max_model_len)
+        if keep is not None and keep > 0:  # 0 is refused later, by SamplingParams
+            num_prompt_tokens = min(num_prompt_tokens, keep)
         room = self.max_model_len - num_prompt_tokens
         if room < 1:
             raise OpenAIError(f"This model's maximum context length is {self.max_model_len} "
