@@ -5,8 +5,8 @@ process ends, yet every full collection walks it again; freezing it takes it out
 collector's reach. The API server also allocates many short-lived objects per token (pydantic
 models, SSE chunks, outputs), so young collections ran often: py-spy at 256 streams put ~18%
 of its samples on allocation sites. With the heap frozen and young collections every 20,000
-allocations instead of 700, those samples were gone and a trivial model served 8,100-8,600
-output tok/s instead of 6,100-7,500 on the 2-core development machine. The offline engine
+allocations instead of 700, those samples were gone and a trivial model served 8,051-8,905
+output tok/s instead of 6,178-7,201 on the 2-core development machine (docs/benchmarks.md). The offline engine
 (`LLM`) runs in the user's process and keeps its settings; there the change measured nothing.
 """
 

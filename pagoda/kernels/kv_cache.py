@@ -16,7 +16,6 @@ import triton
 import triton.language as tl
 
 from pagoda.kernels.pdl import launch_args, wait_then_release
-
 from pagoda.kernels.rotary import _rotate_heads
 
 
