@@ -74,6 +74,10 @@ def test_sweep_writes_json_and_png(tmp_path):
     assert all(p["completed"] == 4 and "p99_tpot_ms" in p for p in data["points"])
     png = (tmp_path / "sweep.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    # Each rate sends its own prompts (a repeat would be served from the prefix cache);
+    # the first payload is the one-off probe request.
+    sent = [str(p.get("prompt")) for p in fake.payloads[1:]]
+    assert len(sent) == 8 and not set(sent[:4]) & set(sent[4:])
 
 
 def _server_missing() -> bool:
