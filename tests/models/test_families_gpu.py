@@ -37,17 +37,11 @@ def _run(path, prompts, dtype):
     return [o.outputs[0] for o in outs]
 
 
-# Seen on the H200 (2026-11-29): gemma2's fp32 logprobs drifted 2.4e-3 from transformers'
-# (ids agreed). Found on the CPU the same day: the image's transformers 5.17 runs Gemma 2
-# through SDPA, which drops the attention soft cap (5.17 gives 2e-4 drift on the CPU too; 5.24
-# forces eager). The reference now uses eager attention (test_families.EAGER_REFERENCE), so
-# this should pass; the mark stays non-strict until an H200 run shows it (then remove it).
-_KNOWN = {"gemma2": "reference was 5.17's SDPA without soft cap; expected to pass now"}
-CASES = [pytest.param(f, marks=pytest.mark.xfail(reason=_KNOWN[f], strict=False))
-         if f in _KNOWN else f for f in FAMILIES]
-
-
-@pytest.mark.parametrize("family", CASES)
+# gemma2 once drifted here: the device image's transformers 5.17 runs Gemma 2 through SDPA,
+# which drops the attention soft cap. The references now use eager attention
+# (test_families.EAGER_REFERENCE), and the GPU suite's tests import transformers 5.24 from
+# .whl/; gemma2 passed on the H200 on 2026-11-29 (docs/benchmarks.md).
+@pytest.mark.parametrize("family", FAMILIES)
 def test_family_on_gpu(checkpoints, family):
     skip_if_reference_wrong(family)
     path, prompts, refs = checkpoints(family)
