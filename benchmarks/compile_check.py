@@ -32,17 +32,17 @@ ATTENTION_TYPES = {"q_ptr": BF16, "k_ptr": BF16, "v_ptr": BF16, "out_ptr": BF16,
                    "scale": "fp32", "soft_cap": "fp32"}
 
 
-def _attention(splits: int, single: int, window: bool = False) -> dict:
+def _attention(splits: int, window: bool = False) -> dict:
     return dict(BLOCK_Q=16, BLOCK_M=16, QPKV_P2=4, DIM_P2=128, TILE_N=128, NUM_SPLITS=splits,
                 USE_SOFT_CAP=window, USE_WINDOW=window, USE_ALIBI=False, PAGED=True,
-                DOT_PREC="tf32", USE_PDL=True, SINGLE_TILES=single)
+                DOT_PREC="tf32", USE_PDL=True)
 
 
 # (kernel, constexprs, argument types; unnamed arguments are i32) at Llama-3.1-8B decode shapes
 CASES = [
-    (_attention_kernel, _attention(1, 0), ATTENTION_TYPES),
-    (_attention_kernel, _attention(16, 0), ATTENTION_TYPES),
-    (_attention_kernel, _attention(16, 4, window=True), ATTENTION_TYPES),
+    (_attention_kernel, _attention(1), ATTENTION_TYPES),
+    (_attention_kernel, _attention(16), ATTENTION_TYPES),
+    (_attention_kernel, _attention(16, window=True), ATTENTION_TYPES),
     (_reduce_splits_kernel, dict(NUM_SPLITS=16, SPLITS_P2=16, DIM_P2=128, USE_PDL=True),
      {"out_ptr": BF16, "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32",
       "query_start_ptr": "*i32"}),

@@ -14,14 +14,12 @@ query_start_loc and exits early when it has no queries.
 Split-KV (flash decoding): with few sequences and long contexts the grid above is too small to
 fill the GPU, so a third grid axis splits each sequence's key range into NUM_SPLITS pieces; each
 writes an unnormalised partial output plus its running max and sum, and `_reduce_splits_kernel`
-combines them. A sequence short enough to need no split (at most `single_keys` keys, when
-set) is done whole by split 0, and the reduce skips it: a split plan is frozen into each CUDA
-graph for the longest context, while most decode steps see short ones.
+combines them. (Letting split 0 do a short sequence whole, skipping the reduce, was measured
+on the H200 and dropped: 0.21 ms a Llama-8B step slower at ~250 keys, docs/benchmarks.md.)
 """
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -67,12 +65,9 @@ def _key_rows(block_table_ptr, seq, stride_bt, q_start, kpos, kmask, block_size,
 
 @triton.jit
 def _key_tiles(context, local_block, q_len, kv_len, window, split, BLOCK_Q: tl.constexpr,
-               TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr, SINGLE_TILES: tl.constexpr,
-               USE_WINDOW: tl.constexpr):
-    """This program's key tiles [lo, hi), the causal end of its q block's keys, and whether
-    the sequence is short enough (at most SINGLE_TILES tiles) for split 0 to do whole: the
-    split plan is frozen into a CUDA graph, so a short sequence would otherwise pay the
-    partials round trip of a long one."""
+               TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr, USE_WINDOW: tl.constexpr):
+    """This program's key tiles [lo, hi) (its split's share) and the causal end of its
+    q block's keys."""
     first_pos = context + local_block * BLOCK_Q
     kv_end = tl.minimum(context + tl.minimum((local_block + 1) * BLOCK_Q, q_len), kv_len)
     kv_start = 0
@@ -80,18 +75,10 @@ def _key_tiles(context, local_block, q_len, kv_len, window, split, BLOCK_Q: tl.c
         kv_start = tl.maximum(first_pos - window + 1, 0)
     tile_lo = kv_start // TILE_N
     tile_hi = tl.cdiv(kv_end, TILE_N)
-    single = (tile_hi - tile_lo) <= SINGLE_TILES
-    if not single:
-        per_split = tl.cdiv(tile_hi - tile_lo, NUM_SPLITS)
-        tile_lo = tile_lo + split * per_split
-        tile_hi = tl.minimum(tile_lo + per_split, tile_hi)
-    return tile_lo, tile_hi, kv_end, single
-
-
-@triton.jit
-def _store_normalised(out_ptr, offsets, acc, l_i, mask):
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
+    per_split = tl.cdiv(tile_hi - tile_lo, NUM_SPLITS)
+    tile_lo = tile_lo + split * per_split
+    tile_hi = tl.minimum(tile_lo + per_split, tile_hi)
+    return tile_lo, tile_hi, kv_end
 
 
 @triton.jit
@@ -106,7 +93,6 @@ def _attention_kernel(
     DIM_P2: tl.constexpr, TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     USE_SOFT_CAP: tl.constexpr, USE_WINDOW: tl.constexpr, USE_ALIBI: tl.constexpr,
     PAGED: tl.constexpr, DOT_PREC: tl.constexpr, USE_PDL: tl.constexpr,
-    SINGLE_TILES: tl.constexpr,
 ):
     wait_then_release(USE_PDL)
     q_block = tl.program_id(0)
@@ -136,11 +122,8 @@ def _attention_kernel(
     if USE_ALIBI:
         slope = tl.load(alibi_ptr + head, mask=row_mask, other=0.0).to(tl.float32)
 
-    tile_lo, tile_hi, kv_end, single = _key_tiles(
-        context, local_block, q_len, kv_len, window, split, BLOCK_Q, TILE_N, NUM_SPLITS,
-        SINGLE_TILES, USE_WINDOW)
-    if single & (split > 0):  # one expression, no `and`: older Triton compilers
-        return
+    tile_lo, tile_hi, kv_end = _key_tiles(context, local_block, q_len, kv_len, window, split,
+                                          BLOCK_Q, TILE_N, NUM_SPLITS, USE_WINDOW)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -174,15 +157,12 @@ def _attention_kernel(
         m_i = m_new
 
     io_mask = row_mask[:, None] & d_mask[None, :]
-    out_offsets = tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
-    part = (tok * num_heads + head) * NUM_SPLITS + split  # [T, H, S] row index
     if NUM_SPLITS == 1:
-        _store_normalised(out_ptr, out_offsets, acc, l_i, io_mask)
-    elif single:  # split 0's sum < 0 tells the reduce to leave this row alone
-        _store_normalised(out_ptr, out_offsets, acc, l_i, io_mask)
-        tl.store(part_ml_ptr + part * 2 + 1, tl.full([BLOCK_M], -1.0, tl.float32),
-                 mask=row_mask)
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=io_mask)
     else:
+        part = (tok * num_heads + head) * NUM_SPLITS + split  # [T, H, S] row index
         tl.store(part_acc_ptr + part[:, None] * head_dim + d[None, :], acc, mask=io_mask)
         tl.store(part_ml_ptr + part * 2, m_i, mask=row_mask)
         tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=row_mask)
@@ -200,13 +180,10 @@ def _reduce_splits_kernel(
     head = tl.program_id(1)
     if tok >= tl.load(query_start_ptr + num_seqs):  # CUDA-graph padding: nothing was written
         return
-    first = (tok.to(tl.int64) * num_heads + head) * NUM_SPLITS
-    if tl.load(part_ml_ptr + first * 2 + 1) < 0:  # done whole by split 0 (short sequence)
-        return
     s = tl.arange(0, SPLITS_P2)
     d = tl.arange(0, DIM_P2)
     s_mask = s < NUM_SPLITS
-    part = first + s
+    part = (tok.to(tl.int64) * num_heads + head) * NUM_SPLITS + s
     m = tl.load(part_ml_ptr + part * 2, mask=s_mask, other=float("-inf"))
     l = tl.load(part_ml_ptr + part * 2 + 1, mask=s_mask, other=0.0)
     m_max = tl.max(m, 0)
@@ -224,9 +201,7 @@ def choose_config(max_query_len: int, num_queries_per_kv: int, head_dim: int,
                   num_splits: int = 1, override: Optional[dict] = None) -> dict:
     """Tile shapes and launch options. tl.dot needs at least 16 rows, so decode packs the GQA
     group (and, when the group is small, more query slots) into 16 rows. `override` (keys
-    block_m, tile_n, num_warps, num_stages, single_keys) is for tuning runs and tests.
-    single_keys (PAGODA_ATTN_SINGLE_KEYS, default 0 = off, not yet measured on the GPU): on
-    the split path, sequences of at most that many keys skip the split.
+    block_m, tile_n, num_warps, num_stages) is for tuning runs.
 
     Picked from a sweep on an H200 (bf16, H=32/8, D=128; benchmarks/kernels_bench.py):
     decode B=64 x 2048 keys: tile 64 with 2 stages 137 us vs 198 us at 3 stages; split decode
@@ -244,7 +219,6 @@ def choose_config(max_query_len: int, num_queries_per_kv: int, head_dim: int,
         cfg = dict(block_m=16, tile_n=128, num_warps=4, num_stages=3)
     else:
         cfg = dict(block_m=16, tile_n=64, num_warps=4, num_stages=2)
-    cfg["single_keys"] = int(os.environ.get("PAGODA_ATTN_SINGLE_KEYS", "0"))
     cfg.update(override or {})
     cfg["block_m"] = max(cfg["block_m"], qpkv_p2)
     cfg["block_q"] = cfg["block_m"] // qpkv_p2
@@ -294,7 +268,6 @@ def paged_attention(
         *kv_strides, stride_bt, block_size, qpkv, head_dim,
         BLOCK_Q=block_q, BLOCK_M=block_m, QPKV_P2=triton.next_power_of_2(qpkv),
         DIM_P2=dim_p2, TILE_N=tile_n, NUM_SPLITS=num_splits,
-        SINGLE_TILES=cfg["single_keys"] // tile_n if num_splits > 1 else 0,
         USE_SOFT_CAP=bool(soft_cap), USE_WINDOW=bool(sliding_window),
         USE_ALIBI=alibi_slopes is not None, PAGED=paged,
         DOT_PREC="ieee" if q.dtype == torch.float32 else None,

@@ -22,7 +22,8 @@ from pagoda.kernels.pdl import launch_args, wait_then_release
 MAX_ROWS = 16
 # PAGODA_SKINNY_ALL=1 routes every half-precision decode projection here, gate_up included:
 # the sweep timed kernels alone, but in a CUDA graph with programmatic dependent launch a
-# cuBLAS kernel also breaks the launch overlap on both sides. For an A/B on the GPU.
+# cuBLAS kernel also breaks the launch overlap on both sides. Measured on Llama-3.1-8B P1
+# (H200, 2026-11-29): 4.44 against 4.40 ms a step, so it stays off; kept for A/B runs.
 _ALL_SHAPES = os.environ.get("PAGODA_SKINNY_ALL") == "1"
 
 
@@ -96,7 +97,9 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     down_proj took 176 us instead of 32 (the elementwise work in the loop defeats the load
     pipelining), so the activation keeps its own kernel. Loading the first weight tile before
     the PDL wait (weights are never written) was slower too: 4.19 ms per Llama-8B decode
-    graph at batch 1 and 4.60 at batch 8, against 4.15 and 4.39."""
+    graph at batch 1 and 4.60 at batch 8, against 4.15 and 4.39. So was prefetching o_proj's
+    weight into L2 during attention (`prefetch.global.L2`, three placements, +0.06 to +0.15
+    ms a step; docs/benchmarks.md)."""
     n, k = weight.shape
     if x.shape[-1] != k:
         raise ValueError(f"input has {x.shape[-1]} features, the weight {k}")

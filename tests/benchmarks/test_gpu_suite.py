@@ -53,8 +53,8 @@ def test_p4_stage_reports_host_time(tmp_path):
 def test_ab_stage_runs_each_setting(tmp_path):
     """The A/B stage runs P1 as is and once per AB setting, each in its own process, and the
     table shows one row per run."""
-    ab, table = _run_stage(tmp_path, "ab", "SUITE_LLAMA", {"AB": "PAGODA_ATTN_SINGLE_KEYS=512"},
+    ab, table = _run_stage(tmp_path, "ab", "SUITE_LLAMA", {"AB": "PAGODA_SKINNY_ALL=1"},
                            max_position_embeddings=4096)  # the llama stage's max_model_len
-    assert [r["setting"] for r in ab["rows"]] == ["as is", "PAGODA_ATTN_SINGLE_KEYS=512"]
+    assert [r["setting"] for r in ab["rows"]] == ["as is", "PAGODA_SKINNY_ALL=1"]
     assert all(r["decode_ms_per_step"] > 0 for r in ab["rows"])
     assert len([line for line in table if line.startswith("| AB")]) == 2

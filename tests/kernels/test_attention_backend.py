@@ -61,7 +61,7 @@ def make_batch(seqs, block_size, num_blocks, pad_tokens=0, pad_reqs=0):
 
 
 def run_both(layer, seqs, block_size=16, splits=None, pad_tokens=0, pad_reqs=0,
-             with_cache=True, tile_n=16, rope=None, single_keys=None):
+             with_cache=True, tile_n=16, rope=None):
     h, hkv, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
     num_blocks = sum(-(-(c + n) // block_size) for c, n in seqs) + 3
     meta = make_batch(seqs, block_size, num_blocks, pad_tokens, pad_reqs)
@@ -79,7 +79,7 @@ def run_both(layer, seqs, block_size=16, splits=None, pad_tokens=0, pad_reqs=0,
             flat[:, ctx_slots] = torch.randn(2, ctx, hkv, d)
         cache_tri = cache_ref.clone()
     ref = TorchRefBackend()
-    tri = TritonBackend(force_splits=splits, tile_n=tile_n, single_keys=single_keys)
+    tri = TritonBackend(force_splits=splits, tile_n=tile_n)
     rotary = None
     if rope is not None:  # each token at its place after its sequence's context
         positions = torch.cat([torch.arange(c, c + n) for c, n in seqs]
@@ -127,17 +127,6 @@ def test_decode_only_batch():
 @pytest.mark.parametrize("splits", [2, 3, 5])
 def test_split_kv(splits):
     run_both(make_layer(4, 2, 32), [(100, 1), (1, 1), (64, 1), (30, 3)], splits=splits)
-
-
-@pytest.mark.parametrize("single_keys", [32, 64])
-def test_split_kv_short_sequences_skip_the_split(single_keys):
-    """With 16-key tiles, sequences of up to 2 (or 4) tiles are done by split 0 alone and the
-    reduce leaves them; longer ones still split. Stale partials would show up as wrong rows."""
-    layer = make_layer(4, 2, 32)
-    seqs = [(100, 1), (1, 1), (31, 1), (32, 1), (64, 1), (30, 3), (47, 2)]
-    run_both(layer, seqs, splits=3, single_keys=single_keys)
-    run_both(layer, [(10, 1), (70, 1)], pad_tokens=2, pad_reqs=2, splits=4,
-             single_keys=single_keys)
 
 
 def test_sliding_window():

@@ -50,12 +50,10 @@ class TritonAttentionMetadata:
 class TritonBackend:
     name = "triton"
 
-    def __init__(self, force_splits: Optional[int] = None, tile_n: Optional[int] = None,
-                 single_keys: Optional[int] = None):
-        # The knobs exist for tests: small key tiles exercise the online softmax across tiles.
+    def __init__(self, force_splits: Optional[int] = None, tile_n: Optional[int] = None):
+        # Both knobs exist for tests: small key tiles exercise the online softmax across tiles.
         self.force_splits = force_splits
         self.tile_n = tile_n
-        self.config = {"single_keys": single_keys} if single_keys is not None else None
 
     def build_metadata(self, common: CommonAttentionMetadata) -> TritonAttentionMetadata:
         device = common.query_start_loc.device
@@ -102,6 +100,5 @@ class TritonBackend:
             max_query_len=common.max_query_len, scale=layer.scale,
             sliding_window=layer.sliding_window, soft_cap=layer.logits_soft_cap,
             alibi_slopes=layer.alibi_slopes, num_splits=splits, tile_n=self.tile_n,
-            config=self.config,
         )
         return out
