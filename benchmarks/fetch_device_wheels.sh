@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PKGS="msgspec pyzmq pydantic pydantic_core fastapi starlette uvicorn annotated_types
-  annotated_doc typing_extensions typing_inspection prometheus_client h11 click anyio sniffio
+  annotated_doc typing_extensions typing_inspection prometheus_client h11 uvloop click anyio sniffio
   httpx httpcore certifi idna opentelemetry-api pytest-xdist execnet transformers"
 PINS=$(python - $PKGS <<'PY'
 import sys

@@ -21,6 +21,8 @@ python -c "import msgspec" 2>/dev/null || python -m pip install -q --no-index --
 python -c "import fastapi, uvicorn, zmq, prometheus_client, httpx" 2>/dev/null || \
   python -m pip install -q --no-index --find-links .whl fastapi uvicorn pyzmq \
   prometheus_client httpx 2>&1 | tail -2
+python -c "import uvloop" 2>/dev/null || python -m pip install -q --no-index --no-deps \
+  .whl/uvloop-*cp312*.whl 2>&1 | tail -2  # optional: the server falls back to asyncio's loop
 stage() {  # stage NAME SECONDS: one process per stage, so each frees the GPU when done
   echo "=== stage $1 ($(date -u +%H:%M:%S)) ===" | tee -a "$LOG"
   timeout "$2" python benchmarks/gpu_suite.py "$1" --out "$OUT" 2>&1 | tee -a "$LOG"

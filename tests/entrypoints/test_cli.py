@@ -82,3 +82,15 @@ def test_chat_template_flag(tmp_path):
     assert load_chat_template(None) is None
     with pytest.raises(ValueError):
         load_chat_template("no-such-file.jinja")
+
+
+def test_server_runs_on_uvloop_when_installed(monkeypatch):
+    """uvloop where it imports (as vLLM's server), asyncio's own loop otherwise."""
+    import asyncio
+    import sys
+
+    from pagoda.entrypoints.openai import api_server
+    uvloop = pytest.importorskip("uvloop")
+    assert api_server._event_loop_runner() is uvloop.run
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import now raises ImportError
+    assert api_server._event_loop_runner() is asyncio.run
