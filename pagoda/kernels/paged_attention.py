@@ -82,6 +82,30 @@ def _key_tiles(context, local_block, q_len, kv_len, window, split, BLOCK_Q: tl.c
 
 
 @triton.jit
+def _masked_scores(s, kpos, kmask, q_pos, soft_cap, window, USE_SOFT_CAP: tl.constexpr,
+                   USE_WINDOW: tl.constexpr):
+    """One tile of scores [rows, keys]: soft-capped, then -inf where a key is past the end,
+    after the query (causal) or outside its sliding window."""
+    if USE_SOFT_CAP:
+        s = soft_cap * _tanh(s / soft_cap)
+    allowed = kmask[None, :] & (kpos[None, :] <= q_pos[:, None])
+    if USE_WINDOW:
+        allowed = allowed & ((q_pos[:, None] - kpos[None, :]) < window)
+    return tl.where(allowed, s, float("-inf"))
+
+
+@triton.jit
+def _online_softmax_step(s, m_i, l_i):
+    """Folds a tile of scores into the running max and sum: the tile's probabilities, the
+    factor that rescales what was accumulated so far, the new max and the new sum."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # row masked so far: no NaN
+    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
     block_table_ptr, seq_lens_ptr, query_start_ptr, alibi_ptr,
@@ -136,20 +160,11 @@ def _attention_kernel(
                          stride_kv_blk, stride_kv_slot, PAGED) + kv_head_off
         k = tl.load(k_ptr + krow[None, :] + d[:, None], mask=d_mask[:, None] & kmask[None, :],
                     other=0.0)
-        s = tl.dot(q, k.to(q.dtype), input_precision=DOT_PREC) * scale
-        if USE_SOFT_CAP:
-            s = soft_cap * _tanh(s / soft_cap)
-        if USE_ALIBI:
+        s = _masked_scores(tl.dot(q, k.to(q.dtype), input_precision=DOT_PREC) * scale, kpos,
+                           kmask, q_pos, soft_cap, window, USE_SOFT_CAP, USE_WINDOW)
+        if USE_ALIBI:  # after the mask: a masked score stays -inf
             s += slope[:, None] * (kpos[None, :] - q_pos[:, None]).to(tl.float32)
-        allowed = kmask[None, :] & (kpos[None, :] <= q_pos[:, None])
-        if USE_WINDOW:
-            allowed = allowed & ((q_pos[:, None] - kpos[None, :]) < window)
-        s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # row masked so far: no NaN
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_new, l_i = _online_softmax_step(s, m_i, l_i)
         v = tl.load(v_ptr + krow[:, None] + d[None, :], mask=kmask[:, None] & d_mask[None, :],
                     other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype),
