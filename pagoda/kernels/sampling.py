@@ -128,16 +128,9 @@ def _sample_kernel(
         tl.store(out_ptr + row, _greedy(base, V, BLOCK).to(tl.int64))
         return
     inv_temp = 1.0 / temp
-    # Pass 1: per-lane max and smallest finite value (-inf entries are banned: never kept).
-    mx = tl.full([BLOCK], float("-inf"), tl.float32)
-    mn = tl.full([BLOCK], float("inf"), tl.float32)
-    for start in range(0, V, BLOCK):
-        x = _load_scaled(base, start, V, inv_temp, BLOCK)
-        mx = tl.maximum(mx, x)
-        mn = tl.minimum(mn, tl.where(x > float("-inf"), x, float("inf")))
+    mx, cut = _lane_max_and_min(base, V, inv_temp, BLOCK)  # the kept set is {l >= cut}
     m = tl.max(mx, 0)
     hi = m + 1.0  # nothing reaches it, so it fails every search
-    cut = tl.min(mn, 0)  # the kept set is {l >= cut}
     min_p = tl.load(min_p_ptr + row).to(tl.float32)
     if min_p > 0:
         cut = tl.maximum(cut, m + tl.log(min_p))
@@ -177,20 +170,39 @@ def _sample_kernel(
             cut = _search(src, n, scale, m, tl.maximum(cut, floor), hi, top_p * z, True, NT,
                           ROUNDS, SEARCH_BLOCK)
     cut = tl.minimum(cut, m)  # the most likely token always survives
+    token = _gumbel_max(base, q_ptr + row * stride_q, V, inv_temp, m, cut, BLOCK)
+    tl.store(out_ptr + row, token.to(tl.int64))
 
-    # Final pass: Gumbel-max over the kept tokens.
+
+@triton.jit
+def _lane_max_and_min(base, V, inv_temp, BLOCK: tl.constexpr):
+    """Pass 1 over a row of scaled logits: the per-lane maxima and the smallest finite value
+    (-inf entries are banned tokens, never kept)."""
+    mx = tl.full([BLOCK], float("-inf"), tl.float32)
+    mn = tl.full([BLOCK], float("inf"), tl.float32)
+    for start in range(0, V, BLOCK):
+        x = _load_scaled(base, start, V, inv_temp, BLOCK)
+        mx = tl.maximum(mx, x)
+        mn = tl.minimum(mn, tl.where(x > float("-inf"), x, float("inf")))
+    return mx, tl.min(mn, 0)
+
+
+@triton.jit
+def _gumbel_max(base, q_row, V, inv_temp, m, cut, BLOCK: tl.constexpr):
+    """Final pass: argmax of (l - m) - log(q) over the kept tokens (l >= cut), q the row's
+    exponential noise, which samples from the renormalised kept distribution."""
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     best_idx = tl.zeros([BLOCK], tl.int32)
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         cmask = cols < V
         x = tl.load(base + cols, mask=cmask, other=float("-inf")) * inv_temp
-        q = tl.load(q_ptr + row * stride_q + cols, mask=cmask, other=1.0)
+        q = tl.load(q_row + cols, mask=cmask, other=1.0)
         score = tl.where(x >= cut, (x - m) - tl.log(q), float("-inf"))
         take = score > best
         best_idx = tl.where(take, cols, best_idx)
         best = tl.where(take, score, best)
-    tl.store(out_ptr + row, _lane_argmax(best, best_idx, V).to(tl.int64))
+    return _lane_argmax(best, best_idx, V)
 
 
 @triton.jit
