@@ -6,8 +6,9 @@ collector's reach. The API server also allocates many short-lived objects per to
 models, SSE chunks, outputs), so young collections ran often: py-spy at 256 streams put ~18%
 of its samples on allocation sites. With the heap frozen and young collections every 20,000
 allocations instead of 700, those samples were gone and a trivial model served 8,051-8,905
-output tok/s instead of 6,178-7,201 on the 2-core development machine (docs/benchmarks.md). The offline engine
-(`LLM`) runs in the user's process and keeps its settings; there the change measured nothing.
+output tok/s instead of 6,178-7,201 on the 2-core development machine (docs/benchmarks.md).
+The offline engine (`LLM`) runs in the user's process and keeps its settings; there the change
+measured nothing.
 """
 
 from __future__ import annotations

@@ -48,12 +48,9 @@ class IncrementalDetokenizer:
         if self.defer:
             return ""
         if self.stream is not None:
-            new = ""
-            for i, token_id in enumerate(token_ids):
-                piece = self.stream.step(self.backend, token_id)
-                if piece is not None:
-                    new += piece
-                    self.num_emitted_ids = len(self.output_ids) - len(token_ids) + i + 1
+            new, covered = self._stream_text(self.stream, token_ids)
+            if covered:
+                self.num_emitted_ids = len(self.output_ids) - len(token_ids) + covered
         else:
             full = self.tokenizer.decode(self.output_ids, skip_special_tokens=self.skip_special)
             full = full[:len(full) - 1] if full.endswith("\ufffd") else full
@@ -74,6 +71,16 @@ class IncrementalDetokenizer:
         self.text += new
         return new
 
+    def _stream_text(self, stream, token_ids: list[int]) -> tuple[str, int]:
+        """Steps `stream` through token_ids: the text they completed, and how many of them
+        (from the first) that text covers; the rest wait for bytes that finish a character."""
+        text, covered = "", 0
+        for i, token_id in enumerate(token_ids):
+            piece = stream.step(self.backend, token_id)
+            if piece is not None:
+                text, covered = text + piece, i + 1
+        return text, covered
+
     def full_text(self) -> str:
         """Deferred mode: the text of all output ids so far, as the primed stream plus a
         final flush would give it: the decode of prompt tail + output, less the decode of
@@ -84,12 +91,8 @@ class IncrementalDetokenizer:
                                    skip_special_tokens=self.skip_special)
         if full.startswith(head) and not head.endswith("\ufffd"):
             return full[len(head):]
-        stream, text, emitted = self._primed_stream(), "", 0
-        for i, token_id in enumerate(self.output_ids):
-            piece = stream.step(self.backend, token_id)
-            if piece is not None:
-                text, emitted = text + piece, i + 1
-        pending = self.output_ids[emitted:]  # held back to the end: as flush() gives them
+        text, covered = self._stream_text(self._primed_stream(), self.output_ids)
+        pending = self.output_ids[covered:]  # held back to the end: as flush() gives them
         if pending:
             text += self.tokenizer.decode(pending, skip_special_tokens=self.skip_special)
         return text
