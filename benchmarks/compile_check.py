@@ -39,6 +39,17 @@ def _attention(splits: int, window: bool = False) -> dict:
                 DOT_PREC="tf32", USE_PDL=True)
 
 
+SKINNY_TYPES = {"x_ptr": BF16, "w_ptr": BF16, "b_ptr": BF16, "g_ptr": BF16, "r_ptr": BF16,
+                "y_ptr": BF16, "eps": "fp32"}
+
+
+def _skinny(**flags) -> dict:
+    """The skinny GEMM as Llama-3.1-8B's decode layers launch it (plain: q/k/v's tiles)."""
+    return dict(dict(HAS_BIAS=False, NORM=False, GATED=False, ACT=0, RESIDUAL=False,
+                     EVEN_K=True, BLOCK_N=64, BLOCK_K=256, DOT_PREC="tf32", USE_PDL=True),
+                **flags)
+
+
 # (kernel, constexprs, argument types; unnamed arguments are i32) at Llama-3.1-8B decode shapes
 CASES = [
     (_attention_kernel, _attention(1), ATTENTION_TYPES),
@@ -47,9 +58,10 @@ CASES = [
     (_reduce_splits_kernel, dict(NUM_SPLITS=16, SPLITS_P2=16, DIM_P2=128, USE_PDL=True),
      {"out_ptr": BF16, "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32",
       "query_start_ptr": "*i32"}),
-    (_skinny_gemm_kernel, dict(HAS_BIAS=False, EVEN_K=True, BLOCK_N=64, BLOCK_K=256,
-                               DOT_PREC="tf32", USE_PDL=True),
-     {"x_ptr": BF16, "w_ptr": BF16, "b_ptr": BF16, "y_ptr": BF16}),
+    (_skinny_gemm_kernel, _skinny(), SKINNY_TYPES),
+    (_skinny_gemm_kernel, _skinny(NORM=True, GATED=True, BLOCK_N=32), SKINNY_TYPES),
+    (_skinny_gemm_kernel, _skinny(NORM=True, HAS_BIAS=True), SKINNY_TYPES),
+    (_skinny_gemm_kernel, _skinny(RESIDUAL=True, BLOCK_N=16, BLOCK_K=512), SKINNY_TYPES),
     (_rms_norm_kernel, dict(BLOCK_N=4096, ADD_RESIDUAL=True, USE_PDL=True),
      {"x_ptr": BF16, "res_ptr": BF16, "w_ptr": BF16, "out_ptr": BF16, "eps": "fp32"}),
     (_act_and_mul_kernel, dict(ACT=0, BLOCK=1024, USE_PDL=True),

@@ -14,6 +14,7 @@ from pagoda.distributed.parallel_state import get_tp_size
 from pagoda.layers.activation import get_gated_act_fn
 from pagoda.layers.attention import Attention
 from pagoda.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from pagoda.layers.fused_decode import fused_forward, use_fused
 from pagoda.layers.layernorm import RMSNorm
 from pagoda.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from pagoda.layers.rotary import get_rope
@@ -33,8 +34,9 @@ def hidden_act_of(config: Any) -> str:
 
 def norm_with_residual(norm: nn.Module, hidden: torch.Tensor,
                        residual: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first layer has no residual yet (the embedding output becomes it); every later
-    layer folds the residual add into its input norm."""
+    """The first layer has no residual yet (the embedding output becomes it), nor has a layer
+    after a fused one (layers/fused_decode.py: its output is the whole residual stream); every
+    other layer folds the residual add into its input norm."""
     if residual is None:
         return norm(hidden), hidden
     return norm(hidden, residual)
@@ -69,16 +71,18 @@ class RotarySelfAttention(nn.Module):
                               logits_soft_cap=logits_soft_cap)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        qkv = self.qkv_proj(hidden)
+        return self.o_proj(self.attend(positions, self.qkv_proj(hidden)))
+
+    def attend(self, positions: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
+        """The projected q/k/v -> the attention output, before o_proj."""
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.q_norm is not None:
             q = self.q_norm(q.reshape(-1, self.num_heads, self.head_dim))
             k = self.k_norm(k.reshape(-1, self.num_kv_heads, self.head_dim))
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
-        out = self.attn(q.reshape(-1, self.q_size), k.reshape(-1, self.kv_size), v,
-                        self.rotary_emb, positions)
-        return self.o_proj(out)
+        return self.attn(q.reshape(-1, self.q_size), k.reshape(-1, self.kv_size), v,
+                         self.rotary_emb, positions)
 
 
 class GatedMLP(nn.Module):
@@ -112,6 +116,8 @@ class PreNormDecoderLayer(nn.Module):
             bias=getattr(config, "mlp_bias", False))
 
     def forward(self, positions, hidden, residual):
+        if use_fused(self, hidden):  # decode rows on the GPU: see layers/fused_decode.py
+            return fused_forward(self, positions, hidden, residual)
         hidden, residual = norm_with_residual(self.input_layernorm, hidden, residual)
         hidden = self.self_attn(positions, hidden)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
@@ -136,7 +142,7 @@ class DecoderStack(nn.Module):
             hidden = hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual)
-        hidden, _ = self.norm(hidden, residual)
+        hidden, _ = norm_with_residual(self.norm, hidden, residual)
         return hidden
 
 

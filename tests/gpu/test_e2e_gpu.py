@@ -63,8 +63,13 @@ def _hf_greedy(model, prompt, steps):
 
 
 @gpu
-def test_greedy_fp32_matches_transformers(tiny_llama_gpu_path):
+@pytest.mark.parametrize("fused", ["1", "force"])
+def test_greedy_fp32_matches_transformers(tiny_llama_gpu_path, fused, monkeypatch):
+    """fused="force": the fused decode layer (layers/fused_decode.py), which otherwise serves
+    only half precision, runs in fp32 too, for every step of at most 16 tokens."""
     from transformers import AutoModelForCausalLM
+    from pagoda.layers import fused_decode
+    monkeypatch.setattr(fused_decode, "MODE", fused)
     prompts = make_prompts(384, lengths=(1, 5, 17, 40, 90, 130))
     steps = 24
     outs = _with_llm(tiny_llama_gpu_path, lambda llm: _generate(llm, prompts, steps, logprobs=0),

@@ -47,3 +47,52 @@ def test_dispatch_rule_all_shapes_for_ab_runs(monkeypatch):
     assert beats_cublas(1, 28672, 4096, torch.bfloat16)
     assert not beats_cublas(17, 28672, 4096, torch.bfloat16)
     assert not beats_cublas(1, 28672, 4096, torch.float32)
+
+
+def _rms_norm(x, weight, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 48, 64), (5, 40, 100), (16, 32, 256)])
+def test_norm_prologue(m, n, k):
+    x, w, g = torch.randn(m, k) * 3, torch.randn(n, k), torch.rand(k) + 0.5
+    bias = torch.randn(n)
+    want = F.linear(_rms_norm(x, g, 1e-5), w, bias)
+    got = skinny_gemm(x, w, bias, norm_weight=g, eps=1e-5)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("act,ref", [("silu", F.silu), ("gelu", F.gelu),
+                                     ("gelu_tanh", lambda t: F.gelu(t, approximate="tanh"))])
+@pytest.mark.parametrize("with_norm", [False, True])
+def test_gated_act_epilogue(act, ref, with_norm):
+    m, d, k = 3, 40, 96
+    x, w, g = torch.randn(m, k), torch.randn(2 * d, k), torch.rand(k) + 0.5
+    bias = torch.randn(2 * d)
+    xin = _rms_norm(x, g, 1e-6) if with_norm else x
+    gate, up = F.linear(xin, w, bias).split(d, dim=-1)
+    got = skinny_gemm(x, w, bias, norm_weight=g if with_norm else None, act=act)
+    assert got.shape == (m, d)
+    torch.testing.assert_close(got, ref(gate) * up, atol=1e-4, rtol=1e-4)
+
+
+def test_residual_epilogue_in_place():
+    x, w = torch.randn(2, 4, 64), torch.randn(48, 64)
+    residual = torch.randn(2, 4, 48)
+    want = residual + F.linear(x, w)
+    got = skinny_gemm(x, w, residual=residual)
+    assert got.data_ptr() == residual.data_ptr()
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(residual, want, atol=1e-4, rtol=1e-4)
+
+
+def test_fusion_arguments_are_checked():
+    w = torch.randn(48, 64)
+    with pytest.raises(ValueError):
+        skinny_gemm(torch.randn(2, 64), w, residual=torch.randn(2, 40))
+    with pytest.raises(ValueError):
+        skinny_gemm(torch.randn(2, 64), w, residual=torch.randn(48, 2).t())
+    with pytest.raises(ValueError):
+        skinny_gemm(torch.randn(2, 64), w, act="tanh")
+    with pytest.raises(ValueError):
+        skinny_gemm(torch.randn(2, 64), torch.randn(47, 64), act="silu")

@@ -1,0 +1,67 @@
+"""The fused decode path of the pre-norm layer (layers/fused_decode.py) against
+`transformers`, on the CPU: PAGODA_FUSED_DECODE=force runs its skinny-GEMM kernels through
+Triton's interpreter in fp32, for every step of at most 16 tokens."""
+
+import pytest
+import torch
+
+from pagoda import LLM, SamplingParams
+from pagoda.layers import decoder, fused_decode
+from tests.models.harness import check_run, hf_greedy
+from tests.utils import make_model, tiny_llama_config
+
+MAX_NEW = 6
+
+
+def _qwen2_config():
+    from transformers import Qwen2Config
+    return Qwen2Config(vocab_size=384, hidden_size=64, intermediate_size=96,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=512, tie_word_embeddings=False,
+                       architectures=["Qwen2ForCausalLM"])  # q/k/v biases
+
+
+@pytest.fixture
+def count_fused(monkeypatch):
+    monkeypatch.setattr(fused_decode, "MODE", "force")
+    calls = []
+
+    def counting(layer, positions, hidden, residual):
+        calls.append(hidden.shape[0])
+        return fused_decode.fused_forward(layer, positions, hidden, residual)
+
+    monkeypatch.setattr(decoder, "fused_forward", counting)
+    return calls
+
+
+@pytest.mark.parametrize("make_config", [tiny_llama_config, _qwen2_config],
+                         ids=["llama", "qwen2"])
+def test_greedy_matches_transformers(tmp_path, count_fused, make_config):
+    from transformers import AutoModelForCausalLM
+    make_model(str(tmp_path), make_config())
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32)
+    prompts = [[5, 9, 2], [7] * 30, [11, 3, 8, 250, 17]]
+    refs = [hf_greedy(hf, p, MAX_NEW) for p in prompts]
+    llm = LLM(str(tmp_path), dtype="float32", seed=0, enforce_eager=True)
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, logprobs=3, ignore_eos=True)
+    # one request alone first: its 3-token prefill is fused too
+    outputs = llm.generate([{"prompt_token_ids": prompts[0]}], params, use_tqdm=False)
+    outputs += llm.generate([{"prompt_token_ids": p} for p in prompts[1:]], params,
+                            use_tqdm=False)
+    check_run(llm, refs, outputs, make_config.__name__, "fused")
+    assert 3 in count_fused and 2 in count_fused  # a fused prefill and fused 2-row decodes
+    assert max(count_fused) <= fused_decode.MAX_ROWS
+
+
+def test_only_plain_layers_fuse():
+    from pagoda.models.gemma import GemmaForCausalLM  # RMSNorm with the 1 + weight offset
+    from transformers import GemmaConfig
+    config = GemmaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                         head_dim=16)
+    layer = GemmaForCausalLM(config, 64).model.layers[0]
+    assert not fused_decode.fusable(layer)
+    from pagoda.models.llama import LlamaForCausalLM
+    layer = LlamaForCausalLM(tiny_llama_config(), 64).model.layers[0]
+    assert fused_decode.fusable(layer)
+    assert not fused_decode.use_fused(layer, torch.zeros(2, 64))  # CPU, fp32: not by default
