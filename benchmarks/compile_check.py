@@ -39,15 +39,15 @@ def _attention(splits: int, window: bool = False) -> dict:
                 DOT_PREC="tf32", USE_PDL=True)
 
 
-SKINNY_TYPES = {"x_ptr": BF16, "w_ptr": BF16, "b_ptr": BF16, "g_ptr": BF16, "r_ptr": BF16,
-                "y_ptr": BF16, "eps": "fp32"}
+SKINNY_TYPES = {"x_ptr": BF16, "w_ptr": BF16, "b_ptr": BF16, "r_ptr": BF16, "y_ptr": BF16,
+                "s_in_ptr": "*fp32", "s_out_ptr": "*fp32", "eps": "fp32"}
 
 
 def _skinny(**flags) -> dict:
     """The skinny GEMM as Llama-3.1-8B's decode layers launch it (plain: q/k/v's tiles)."""
-    return dict(dict(HAS_BIAS=False, NORM=False, GATED=False, ACT=0, RESIDUAL=False,
-                     EVEN_K=True, BLOCK_N=64, BLOCK_K=256, DOT_PREC="tf32", USE_PDL=True),
-                **flags)
+    return dict(dict(HAS_BIAS=False, NORM=False, PARTS_P2=128, GATED=False, ACT=0,
+                     RESIDUAL=False, SUM_SQUARES=False, EVEN_K=True, BLOCK_N=64, BLOCK_K=256,
+                     DOT_PREC="tf32", USE_PDL=True), **flags)
 
 
 # (kernel, constexprs, argument types; unnamed arguments are i32) at Llama-3.1-8B decode shapes
@@ -61,7 +61,8 @@ CASES = [
     (_skinny_gemm_kernel, _skinny(), SKINNY_TYPES),
     (_skinny_gemm_kernel, _skinny(NORM=True, GATED=True, BLOCK_N=32), SKINNY_TYPES),
     (_skinny_gemm_kernel, _skinny(NORM=True, HAS_BIAS=True), SKINNY_TYPES),
-    (_skinny_gemm_kernel, _skinny(RESIDUAL=True, BLOCK_N=16, BLOCK_K=512), SKINNY_TYPES),
+    (_skinny_gemm_kernel, _skinny(RESIDUAL=True, SUM_SQUARES=True, BLOCK_N=32, BLOCK_K=512),
+     SKINNY_TYPES),
     (_rms_norm_kernel, dict(BLOCK_N=4096, ADD_RESIDUAL=True, USE_PDL=True),
      {"x_ptr": BF16, "res_ptr": BF16, "w_ptr": BF16, "out_ptr": BF16, "eps": "fp32"}),
     (_act_and_mul_kernel, dict(ACT=0, BLOCK=1024, USE_PDL=True),

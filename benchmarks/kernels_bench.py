@@ -211,6 +211,36 @@ def bench_skinny(copy_gbs: float, rows=(1, 8), configs=None):
         del weights
 
 
+def bench_fused(copy_gbs: float):
+    """The fused decode layer's GEMMs (layers/fused_decode.py) against their unfused parts:
+    q/k/v and gate_up normalising through the producer's sums of squares, gate_up with the
+    act in its epilogue, o_proj and down_proj adding into the residual stream."""
+    from pagoda.kernels.activation import silu_and_mul
+    from pagoda.kernels.skinny_gemm import add_linear
+    for n, k, kind in ((6144, 4096, "qkv"), (28672, 4096, "gate_up"), (4096, 14336, "down"),
+                       (4096, 4096, "o")):
+        copies = max(1, min(8, -(-150 * 2**20 // (n * k * 2))))
+        weights = [torch.randn(n, k, device=DEV, dtype=BF) / 64 for _ in range(copies)]
+        for m in (1, 8):
+            x = torch.randn(m, k, device=DEV, dtype=BF)
+            sums = torch.rand(m, 128, device=DEV)
+            stream = torch.randn(m, n, device=DEV, dtype=BF)
+
+            def run(label, fn):
+                ms = bench(lambda: [fn(w) for w in weights]) / copies
+                record(f"{kind} M={m} {label}", ms, n * k * 2, copy_gbs=copy_gbs)
+            run("skinny", lambda w: skinny_gemm(x, w))
+            if kind == "qkv":
+                run("skinny, normalising", lambda w: skinny_gemm(x, w, square_sums=sums))
+            if kind == "gate_up":
+                run("cublas + act kernel", lambda w: silu_and_mul(torch.nn.functional.linear(x, w)))
+                run("skinny, normalising, act", lambda w: skinny_gemm(x, w, square_sums=sums,
+                                                                      act="silu"))
+            if kind in ("down", "o"):
+                run("add_linear", lambda w: add_linear(stream, x, w))
+        del weights
+
+
 def tuning_sweep(copy_gbs: float):
     """Tile shapes for the attention kernel alone (keys block_m, tile_n, num_warps, num_stages)."""
     for bm, tn, nw, ns in ((64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 8, 3),
@@ -231,6 +261,9 @@ def main():
           f"triton {triton.__version__}", flush=True)
     torch.manual_seed(0)
     copy_gbs = copy_rate()
+    if "--fused" in sys.argv:
+        bench_fused(copy_gbs)
+        return _save()
     if "--skinny" in sys.argv:  # the projection GEMMs only (with the config sweep)
         bench_skinny(copy_gbs, configs=SKINNY_CONFIGS)
         return _save()

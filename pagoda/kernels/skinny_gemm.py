@@ -29,30 +29,22 @@ _ALL_SHAPES = os.environ.get("PAGODA_SKINNY_ALL") == "1"
 
 
 @triton.jit
-def _x_tile(x_base, g_ptr, kk, x_mask, k_mask, sq, NORM: tl.constexpr, EVEN_K: tl.constexpr):
-    """One [16, BLOCK_K] tile of x. With NORM, x is the un-normalised residual stream: the
-    tile is scaled by the RMSNorm weight here and its squares summed into sq; the per-row
-    1/rms, known only after the last tile, scales the accumulators in the epilogue."""
-    x = tl.load(x_base + kk[None, :], mask=x_mask, other=0.0)
-    if NORM:
-        xf = x.to(tl.float32)
-        sq += tl.sum(xf * xf, 1)
-        if EVEN_K:
-            g = tl.load(g_ptr + kk)
-        else:
-            g = tl.load(g_ptr + kk, mask=k_mask, other=0.0)
-        x = (xf * g.to(tl.float32)[None, :]).to(x_base.dtype.element_ty)
-    return x, sq
+def _inv_rms(s_ptr, rows, row_mask, num_parts, K, eps, PARTS_P2: tl.constexpr):
+    """1/rms of each row of the un-normalised x, from the sums of squares that the GEMM
+    which wrote x left, one per program of that GEMM ([rows, num_parts])."""
+    p = tl.arange(0, PARTS_P2)
+    parts = tl.load(s_ptr + rows[:, None] * num_parts + p[None, :],
+                    mask=row_mask[:, None] & (p < num_parts)[None, :], other=0.0)
+    return tl.math.rsqrt(tl.sum(parts, 1) / K + eps)
 
 
 @triton.jit
-def _epilogue(acc, up, sq, b_ptr, r_ptr, rows, cols, col_mask, out_mask, N, K, stride_rm, eps,
+def _epilogue(acc, up, inv_rms, b_ptr, r_ptr, rows, cols, col_mask, out_mask, N, stride_rm,
               out_dtype, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr,
               ACT: tl.constexpr, RESIDUAL: tl.constexpr):
     """1/rms, bias, act(gate) * up, residual: each rounded to the output dtype where the
     unfused layers round (HF: act(gate) rounded, then the product; residual + output)."""
     if NORM:
-        inv_rms = tl.math.rsqrt(sq / K + eps)
         acc = acc * inv_rms[:, None]
         if GATED:
             up = up * inv_rms[:, None]
@@ -67,14 +59,15 @@ def _epilogue(acc, up, sq, b_ptr, r_ptr, rows, cols, col_mask, out_mask, N, K, s
     if RESIDUAL:
         res = tl.load(r_ptr + rows[:, None] * stride_rm + cols[None, :], mask=out_mask, other=0.0)
         acc = acc.to(out_dtype).to(tl.float32) + res.to(tl.float32)
-    return acc
+    return acc.to(out_dtype)
 
 
 @triton.jit
 def _skinny_gemm_kernel(
-    x_ptr, w_ptr, b_ptr, g_ptr, r_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_rm,
-    stride_ym, eps, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr,
-    ACT: tl.constexpr, RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, s_in_ptr, s_out_ptr, M, N, K, stride_xm, stride_wn,
+    stride_rm, stride_ym, num_parts, eps, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
+    PARTS_P2: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr,
+    SUM_SQUARES: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     wait_then_release(USE_PDL)
@@ -83,6 +76,9 @@ def _skinny_gemm_kernel(
     ks = tl.arange(0, BLOCK_K)
     col_mask = cols < N
     row_mask = rows < M
+    inv_rms = tl.zeros([16], tl.float32)
+    if NORM:  # loaded before the loop, which then only streams x and w into the dots
+        inv_rms = _inv_rms(s_in_ptr, rows, row_mask, num_parts, K, eps, PARTS_P2)
     x_base = x_ptr + rows[:, None] * stride_xm
     w_base = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
     up_base = w_base
@@ -90,27 +86,28 @@ def _skinny_gemm_kernel(
         up_base = w_base + N * stride_wn
     acc = tl.zeros([16, BLOCK_N], tl.float32)
     up = tl.zeros([16, BLOCK_N], tl.float32)
-    sq = tl.zeros([16], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + ks
-        k_mask = kk < K
         if EVEN_K:
             x_mask = row_mask[:, None]
             w_mask = col_mask[:, None]
         else:
-            x_mask = row_mask[:, None] & k_mask[None, :]
-            w_mask = col_mask[:, None] & k_mask[None, :]
-        x, sq = _x_tile(x_base, g_ptr, kk, x_mask, k_mask, sq, NORM, EVEN_K)
+            x_mask = row_mask[:, None] & (kk < K)[None, :]
+            w_mask = col_mask[:, None] & (kk < K)[None, :]
+        x = tl.load(x_base + kk[None, :], mask=x_mask, other=0.0)
         w = tl.load(w_base + kk[None, :], mask=w_mask, other=0.0)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PREC)
         if GATED:
             wu = tl.load(up_base + kk[None, :], mask=w_mask, other=0.0)
             up = tl.dot(x, tl.trans(wu), up, input_precision=DOT_PREC)
     out_mask = row_mask[:, None] & col_mask[None, :]
-    acc = _epilogue(acc, up, sq, b_ptr, r_ptr, rows, cols, col_mask, out_mask, N, K, stride_rm,
-                    eps, y_ptr.dtype.element_ty, HAS_BIAS, NORM, GATED, ACT, RESIDUAL)
-    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=out_mask)
+    y = _epilogue(acc, up, inv_rms, b_ptr, r_ptr, rows, cols, col_mask, out_mask, N, stride_rm,
+                  y_ptr.dtype.element_ty, HAS_BIAS, NORM, GATED, ACT, RESIDUAL)
+    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], y, mask=out_mask)
+    if SUM_SQUARES:  # this program's share of the next norm: its columns, as stored
+        yf = tl.where(out_mask, y.to(tl.float32), 0.0)
+        tl.store(s_out_ptr + rows * tl.num_programs(0) + tl.program_id(0), tl.sum(yf * yf, 1),
+                 mask=row_mask)
 
 
 def choose_config(n: int, k: int) -> dict:
@@ -144,67 +141,91 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
 
 
 def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                config: Optional[dict] = None, *, norm_weight: Optional[torch.Tensor] = None,
-                eps: float = 1e-6, act: Optional[str] = None,
-                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+                config: Optional[dict] = None, *, square_sums: Optional[torch.Tensor] = None,
+                eps: float = 1e-6, act: Optional[str] = None) -> torch.Tensor:
     """x [..., K] with at most 16 rows in all; weight [N, K] (row-major, as nn.Linear).
 
-    The fusions a decoder layer needs at decode, each saving a kernel launch:
-    - norm_weight: x is the residual stream and the layer's RMSNorm (weight, eps) is applied
-      on the way in: the tile is scaled by the weight as it is loaded, and 1/rms, summed over
-      the same tiles, scales the result (the norm is linear per row).
+    Two fusions for a decoder layer at decode (layers/fused_decode.py), each saving a kernel:
+    - square_sums [rows, P] (from `add_linear`): x is the un-normalised residual stream and
+      the weight has its RMSNorm's weight folded in; each output row is scaled by x's 1/rms,
+      computed from these sums (the norm is a per-row scale, so it commutes with the GEMM).
     - act ("silu", "gelu", "gelu_tanh"): weight is [2N, K], the gate rows then the up rows;
       each program holds both halves of its columns and returns act(gate) * up, [..., N].
-    - residual [..., N]: returns residual + x @ weight.T, written into residual itself (each
-      program reads and writes only its own columns, so in place is safe).
 
-    Folding act(gate) * up into down_proj's x loads instead was tried and measured on the
-    H200: down_proj took 176 us instead of 32 (the activation's work on a 14336-wide input in
-    the loop defeats the load pipelining); on the output side it is a few registers. Loading the first weight tile before
-    the PDL wait (weights are never written) was slower too: 4.19 ms per Llama-8B decode
-    graph at batch 1 and 4.60 at batch 8, against 4.15 and 4.39. So was prefetching o_proj's
-    weight into L2 during attention (`prefetch.global.L2`, three placements, +0.06 to +0.15
-    ms a step; docs/benchmarks.md)."""
-    n, k = weight.shape
-    if x.shape[-1] != k:
-        raise ValueError(f"input has {x.shape[-1]} features, the weight {k}")
-    x2d = x.reshape(-1, x.shape[-1])
-    m = x2d.shape[0]
-    if m > MAX_ROWS:
-        raise ValueError(f"skinny_gemm takes at most {MAX_ROWS} rows, got {m}")
-    if x2d.stride(-1) != 1:
-        x2d = x2d.contiguous()
-    assert weight.stride(-1) == 1
-    if act is not None and (act not in _ACTS or n % 2):
-        raise ValueError(f"gated act {act!r} needs a known activation and an even row count")
-    n_out = n // 2 if act is not None else n
-    y = _output(residual, x, m, n_out)
-    if m == 0:
-        return y.view(*x.shape[:-1], n_out)
-    cfg = dict(choose_config(n, k), **(config or {}))
-    block_n = max(16, cfg["block_n"] // 2) if act is not None and not config else cfg["block_n"]
-    _skinny_gemm_kernel[(triton.cdiv(n_out, block_n),)](
-        x2d, weight, _or(bias, weight), _or(norm_weight, weight), y, y, m, n_out, k,
-        x2d.stride(0), weight.stride(0), y.stride(0), y.stride(0), eps,
-        HAS_BIAS=bias is not None, NORM=norm_weight is not None, GATED=act is not None,
-        ACT=_ACTS[act or "silu"], RESIDUAL=residual is not None,
-        EVEN_K=k % cfg["block_k"] == 0, BLOCK_N=block_n, BLOCK_K=cfg["block_k"],
-        DOT_PREC="ieee" if x.dtype == torch.float32 else None,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_args(x.device),
-    )
+    Measured on the H200 (benchmarks/kernels_bench.py --fused): Llama-3.1-8B's gate_up with
+    the act fused takes 59.4 us at batch 1 against 61.5 for cuBLAS plus the act kernel. Any
+    elementwise work on the x tiles inside the loop breaks the load pipelining: computing the
+    norm's sums of squares there doubled q/k/v (16 -> 30 us) and gate_up (59 -> 110 us), and a
+    separate pass over x before the loop still cost 5 and 15 us; so did folding act(gate) * up
+    into down_proj's x loads (32 -> 176 us). Loading the first weight tile before the PDL wait
+    was slower too (4.19 ms per Llama-8B decode graph at batch 1 against 4.15), and so was
+    prefetching o_proj's weight into L2 during attention (docs/benchmarks.md)."""
+    m, n_out = _check(x, weight, act)
+    if square_sums is not None and (square_sums.shape[0] != m or square_sums.dim() != 2
+                                    or not square_sums.is_contiguous()):
+        raise ValueError(f"square_sums must be a contiguous [{m}, P] tensor (add_linear's)")
+    y = torch.empty(m, n_out, dtype=x.dtype, device=x.device)
+    if m:
+        _launch(x, weight, bias, config, y, act=act, square_sums=square_sums, eps=eps)
     return y.view(*x.shape[:-1], n_out)
 
 
-def _output(residual: Optional[torch.Tensor], x: torch.Tensor, m: int, n: int) -> torch.Tensor:
-    """The [m, n] output: a new tensor, or the residual (added to, then overwritten)."""
-    if residual is None:
-        return torch.empty(m, n, dtype=x.dtype, device=x.device)
+def add_linear(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+               bias: Optional[torch.Tensor] = None, config: Optional[dict] = None
+               ) -> torch.Tensor:
+    """residual += x @ weight.T (+ bias), in place (each program reads and writes only its
+    own columns). Returns the sums of squares of the new residual rows, one per program
+    [rows, P], which the next norm needs: `skinny_gemm(residual, ..., square_sums=...)`."""
+    m, n = _check(x, weight, None)
     if residual.shape[-1] != n or residual.numel() != m * n or residual.dtype != x.dtype:
         raise ValueError(f"residual of shape {tuple(residual.shape)} and {residual.dtype} "
                          f"does not fit an output of {m} x {n} {x.dtype}")
     if not residual.is_contiguous():
         raise ValueError("the residual is updated in place and must be contiguous")
-    return residual.view(m, n)
+    block_n = dict(choose_config(n, weight.shape[1]), **(config or {}))["block_n"]
+    sums = torch.empty(m, triton.cdiv(n, block_n), dtype=torch.float32, device=x.device)
+    if m:
+        _launch(x, weight, bias, config, residual.view(m, n), residual=True, sums_out=sums)
+    return sums
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, act: Optional[str]) -> tuple[int, int]:
+    """(rows of x, output columns)."""
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"input has {x.shape[-1]} features, the weight {k}")
+    m = x.numel() // k if k else 0
+    if m > MAX_ROWS:
+        raise ValueError(f"skinny_gemm takes at most {MAX_ROWS} rows, got {m}")
+    if act is not None and (act not in _ACTS or n % 2):
+        raise ValueError(f"gated act {act!r} needs a known activation and an even row count")
+    return m, n // 2 if act is not None else n
+
+
+def _launch(x, weight, bias, config, y, *, act=None, square_sums=None, eps=1e-6,
+            residual=False, sums_out=None) -> None:
+    n, k = weight.shape
+    x2d = x.reshape(-1, k)
+    if x2d.stride(-1) != 1:
+        x2d = x2d.contiguous()
+    assert weight.stride(-1) == 1
+    cfg = dict(choose_config(n, k), **(config or {}))
+    if x.dtype == torch.float32 and not config:  # same tile bytes (shared memory) as bf16
+        cfg["block_k"] //= 2
+    # gated: each program reads block_n rows of gate and of up, so halve the chosen tile
+    block_n = max(16, cfg["block_n"] // 2) if act is not None and not config else cfg["block_n"]
+    n_out = y.shape[1]
+    num_parts = square_sums.shape[1] if square_sums is not None else 1
+    _skinny_gemm_kernel[(triton.cdiv(n_out, block_n),)](
+        x2d, weight, _or(bias, weight), y, y, _or(square_sums, y), _or(sums_out, y),
+        x2d.shape[0], n_out, k, x2d.stride(0), weight.stride(0), y.stride(0), y.stride(0),
+        num_parts, eps, HAS_BIAS=bias is not None, NORM=square_sums is not None,
+        PARTS_P2=triton.next_power_of_2(num_parts), GATED=act is not None,
+        ACT=_ACTS[act or "silu"], RESIDUAL=residual, SUM_SQUARES=sums_out is not None,
+        EVEN_K=k % cfg["block_k"] == 0, BLOCK_N=block_n, BLOCK_K=cfg["block_k"],
+        DOT_PREC="ieee" if x.dtype == torch.float32 else None,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_args(x.device),
+    )
 
 
 def _or(tensor: Optional[torch.Tensor], placeholder: torch.Tensor) -> torch.Tensor:

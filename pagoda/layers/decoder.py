@@ -14,7 +14,7 @@ from pagoda.distributed.parallel_state import get_tp_size
 from pagoda.layers.activation import get_gated_act_fn
 from pagoda.layers.attention import Attention
 from pagoda.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from pagoda.layers.fused_decode import fused_forward, use_fused
+from pagoda.layers.fused_decode import SquareSums, fused_forward, use_fused
 from pagoda.layers.layernorm import RMSNorm
 from pagoda.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from pagoda.layers.rotary import get_rope
@@ -35,9 +35,10 @@ def hidden_act_of(config: Any) -> str:
 def norm_with_residual(norm: nn.Module, hidden: torch.Tensor,
                        residual: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """The first layer has no residual yet (the embedding output becomes it), nor has a layer
-    after a fused one (layers/fused_decode.py: its output is the whole residual stream); every
-    other layer folds the residual add into its input norm."""
-    if residual is None:
+    after a fused one (layers/fused_decode.py: its output is the whole residual stream, and
+    `residual` holds that stream's sums of squares); every other layer folds the residual add
+    into its input norm."""
+    if residual is None or isinstance(residual, SquareSums):
         return norm(hidden), hidden
     return norm(hidden, residual)
 

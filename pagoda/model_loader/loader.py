@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from pagoda.config import ModelConfig
+from pagoda.layers.fused_decode import fold_norm_weights
 from pagoda.models.registry import resolve_model_class
 
 WeightIter = Iterator[tuple[str, torch.Tensor]]
@@ -43,6 +44,7 @@ def get_model(model_config: ModelConfig, device: torch.device) -> nn.Module:
         method = getattr(module, "quant_method", None)
         if method is not None:
             method.process_weights_after_loading(module)
+    fold_norm_weights(model)  # for the fused decode layer, where it applies
     return model.eval()
 
 

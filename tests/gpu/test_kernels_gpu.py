@@ -190,24 +190,27 @@ def test_skinny_gemm(m, n, k):
 
 @pytest.mark.parametrize("m", [1, 5, 16])
 def test_skinny_gemm_fusions(m):
-    """The fused decode layer's three uses at Llama-3.1-8B shapes: RMSNorm prologue on q/k/v,
-    norm + SiLU-and-mul on gate_up, residual add on down_proj (in place)."""
-    from pagoda.kernels.skinny_gemm import skinny_gemm
+    """The fused decode layer's GEMMs at Llama-3.1-8B shapes: down_proj adding into the
+    stream (in place) with its sums of squares, then q/k/v and gate_up (+ SiLU-and-mul)
+    normalising through those sums with the norm weight folded in."""
+    from pagoda.kernels.skinny_gemm import add_linear, skinny_gemm
     F = torch.nn.functional
     stream = torch.randn(m, 4096, device=DEV, dtype=BF) * 4
+    act = torch.randn(m, 14336, device=DEV, dtype=BF)
+    w_down = torch.randn(4096, 14336, device=DEV, dtype=BF) / 128
+    want = stream.float() + F.linear(act.float(), w_down.float())
+    sums = add_linear(stream, act, w_down)
+    assert rel_err(stream, want) < 1e-2
+    assert rel_err(sums.sum(1), stream.float().pow(2).sum(1)) < 1e-3
     g = torch.rand(4096, device=DEV, dtype=BF) + 0.5
     normed = F.rms_norm(stream.float(), (4096,), g.float(), 1e-5)
     w_qkv = torch.randn(6144, 4096, device=DEV, dtype=BF) / 64
-    got = skinny_gemm(stream, w_qkv, norm_weight=g, eps=1e-5)
+    got = skinny_gemm(stream, (w_qkv * g).to(BF), square_sums=sums, eps=1e-5)
     assert rel_err(got, F.linear(normed, w_qkv.float())) < 1e-2
     w_gu = torch.randn(2 * 14336, 4096, device=DEV, dtype=BF) / 64
     gate, up = F.linear(normed, w_gu.float()).split(14336, dim=-1)
-    act = skinny_gemm(stream, w_gu, norm_weight=g, eps=1e-5, act="silu")
-    assert rel_err(act, F.silu(gate) * up) < 1e-2
-    w_down = torch.randn(4096, 14336, device=DEV, dtype=BF) / 128
-    want = stream.float() + F.linear(act.float(), w_down.float())
-    assert rel_err(skinny_gemm(act, w_down, residual=stream), want) < 1e-2
-    assert rel_err(stream, want) < 1e-2  # updated in place
+    got = skinny_gemm(stream, (w_gu * g).to(BF), square_sums=sums, eps=1e-5, act="silu")
+    assert rel_err(got, F.silu(gate) * up) < 1e-2
 
 
 def test_sampling_real_vocab():

@@ -59,9 +59,22 @@ def test_only_plain_layers_fuse():
     config = GemmaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                          head_dim=16)
-    layer = GemmaForCausalLM(config, 64).model.layers[0]
-    assert not fused_decode.fusable(layer)
+    assert not fused_decode.fusable(GemmaForCausalLM(config, 64).model.layers[0])
+
+
+def test_fold_norm_weights(monkeypatch):
     from pagoda.models.llama import LlamaForCausalLM
-    layer = LlamaForCausalLM(tiny_llama_config(), 64).model.layers[0]
+    model = LlamaForCausalLM(tiny_llama_config(), 64)
+    layer = model.model.layers[0]
     assert fused_decode.fusable(layer)
-    assert not fused_decode.use_fused(layer, torch.zeros(2, 64))  # CPU, fp32: not by default
+    assert fused_decode.fold_norm_weights(model) == 0  # CPU, fp32: not by default
+    assert not fused_decode.use_fused(layer, torch.zeros(2, 64))
+    gamma = torch.rand(64) + 0.5
+    layer.post_attention_layernorm.weight.data.copy_(gamma)
+    gate_up = layer.mlp.gate_up_proj.weight.detach().clone()
+    monkeypatch.setattr(fused_decode, "MODE", "force")
+    assert fused_decode.fold_norm_weights(model) == 2
+    torch.testing.assert_close(layer.mlp.gate_up_proj.weight, gate_up * gamma)
+    assert torch.equal(layer.post_attention_layernorm.weight, torch.ones(64))
+    assert fused_decode.use_fused(layer, torch.zeros(16, 64))
+    assert not fused_decode.use_fused(layer, torch.zeros(17, 64))  # prefill: unfused

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pagoda.kernels.skinny_gemm import beats_cublas, skinny_gemm
+from pagoda.kernels.skinny_gemm import add_linear, beats_cublas, skinny_gemm
 
 
 @pytest.mark.parametrize("m,n,k", [(1, 48, 64), (7, 40, 100), (16, 64, 256), (3, 33, 520)])
@@ -54,11 +54,20 @@ def _rms_norm(x, weight, eps):
 
 
 @pytest.mark.parametrize("m,n,k", [(1, 48, 64), (5, 40, 100), (16, 32, 256)])
-def test_norm_prologue(m, n, k):
-    x, w, g = torch.randn(m, k) * 3, torch.randn(n, k), torch.rand(k) + 0.5
-    bias = torch.randn(n)
-    want = F.linear(_rms_norm(x, g, 1e-5), w, bias)
-    got = skinny_gemm(x, w, bias, norm_weight=g, eps=1e-5)
+def test_add_linear_then_normalising_gemm(m, n, k):
+    """The fused decoder layer's pair: o_proj adds into the residual stream and leaves its
+    sums of squares; the next GEMM (with the norm weight folded into its own) normalises."""
+    stream, delta = torch.randn(m, k) * 3, torch.randn(m, 24)
+    w_o, w, g = torch.randn(k, 24) / 5, torch.randn(n, k), torch.rand(k) + 0.5
+    bias_o, bias = torch.randn(k), torch.randn(n)
+    new_stream = stream + F.linear(delta, w_o, bias_o)
+    sums = add_linear(stream, delta, w_o, bias_o, config=dict(block_n=16, block_k=32,
+                                                              num_warps=4, num_stages=2))
+    torch.testing.assert_close(stream, new_stream, atol=1e-4, rtol=1e-4)  # in place
+    assert sums.shape == (m, -(-k // 16))
+    torch.testing.assert_close(sums.sum(1), new_stream.pow(2).sum(1), atol=1e-3, rtol=1e-4)
+    want = F.linear(_rms_norm(new_stream, g, 1e-5), w, bias)
+    got = skinny_gemm(stream, w * g, bias, square_sums=sums, eps=1e-5)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
@@ -69,30 +78,26 @@ def test_gated_act_epilogue(act, ref, with_norm):
     m, d, k = 3, 40, 96
     x, w, g = torch.randn(m, k), torch.randn(2 * d, k), torch.rand(k) + 0.5
     bias = torch.randn(2 * d)
-    xin = _rms_norm(x, g, 1e-6) if with_norm else x
-    gate, up = F.linear(xin, w, bias).split(d, dim=-1)
-    got = skinny_gemm(x, w, bias, norm_weight=g if with_norm else None, act=act)
+    if with_norm:  # x is the stream, given with its sums of squares in two parts
+        sums = torch.stack([x[:, :50].pow(2).sum(1), x[:, 50:].pow(2).sum(1)], 1)
+        gate, up = F.linear(_rms_norm(x, g, 1e-6), w, bias).split(d, dim=-1)
+        got = skinny_gemm(x, w * g, bias, square_sums=sums.contiguous(), act=act)
+    else:
+        gate, up = F.linear(x, w, bias).split(d, dim=-1)
+        got = skinny_gemm(x, w, bias, act=act)
     assert got.shape == (m, d)
     torch.testing.assert_close(got, ref(gate) * up, atol=1e-4, rtol=1e-4)
-
-
-def test_residual_epilogue_in_place():
-    x, w = torch.randn(2, 4, 64), torch.randn(48, 64)
-    residual = torch.randn(2, 4, 48)
-    want = residual + F.linear(x, w)
-    got = skinny_gemm(x, w, residual=residual)
-    assert got.data_ptr() == residual.data_ptr()
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(residual, want, atol=1e-4, rtol=1e-4)
 
 
 def test_fusion_arguments_are_checked():
     w = torch.randn(48, 64)
     with pytest.raises(ValueError):
-        skinny_gemm(torch.randn(2, 64), w, residual=torch.randn(2, 40))
+        add_linear(torch.randn(2, 40), torch.randn(2, 64), w)
     with pytest.raises(ValueError):
-        skinny_gemm(torch.randn(2, 64), w, residual=torch.randn(48, 2).t())
+        add_linear(torch.randn(48, 2).t(), torch.randn(2, 64), w)
     with pytest.raises(ValueError):
         skinny_gemm(torch.randn(2, 64), w, act="tanh")
     with pytest.raises(ValueError):
         skinny_gemm(torch.randn(2, 64), torch.randn(47, 64), act="silu")
+    with pytest.raises(ValueError):
+        skinny_gemm(torch.randn(2, 64), w, square_sums=torch.randn(3, 4))
