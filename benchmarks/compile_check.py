@@ -28,15 +28,16 @@ from pagoda.kernels.skinny_gemm import _skinny_gemm_kernel  # noqa: E402
 
 BF16 = "*bf16"
 ATTENTION_TYPES = {"q_ptr": BF16, "k_ptr": BF16, "v_ptr": BF16, "out_ptr": BF16,
-                   "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "block_table_ptr": "*i32",
-                   "seq_lens_ptr": "*i32", "query_start_ptr": "*i32", "alibi_ptr": BF16,
+                   "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "counter_ptr": "*i32",
+                   "block_table_ptr": "*i32", "seq_lens_ptr": "*i32", "query_start_ptr": "*i32", "alibi_ptr": BF16,
                    "scale": "fp32", "soft_cap": "fp32"}
 
 
 def _attention(splits: int, window: bool = False) -> dict:
-    return dict(BLOCK_Q=16, BLOCK_M=16, QPKV_P2=4, DIM_P2=128, TILE_N=128, NUM_SPLITS=splits,
+    return dict(BLOCK_Q=4, BLOCK_M=16, QPKV_P2=4, DIM_P2=128, TILE_N=128, NUM_SPLITS=splits,
                 USE_SOFT_CAP=window, USE_WINDOW=window, USE_ALIBI=False, PAGED=True,
-                DOT_PREC="tf32", USE_PDL=True)
+                DECODE=True, COMBINE=splits > 1, SPLITS_P2=splits, DOT_PREC="tf32",
+                USE_PDL=True)
 
 
 SKINNY_TYPES = {"x_ptr": BF16, "w_ptr": BF16, "b_ptr": BF16, "r_ptr": BF16, "y_ptr": BF16,

@@ -20,6 +20,7 @@ on the H200 and dropped: 0.21 ms a Llama-8B step slower at ~250 keys, docs/bench
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -27,6 +28,27 @@ import triton
 import triton.language as tl
 
 from pagoda.kernels.pdl import launch_args, wait_then_release
+
+# =0 turns each off, for A/B runs
+_DECODE_GRID = os.environ.get("PAGODA_ATTN_DECODE_GRID", "1") != "0"
+_COMBINE_IN_KERNEL = os.environ.get("PAGODA_ATTN_COMBINE", "1") != "0"
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_OLD_COUNTERS: list[torch.Tensor] = []  # captured CUDA graphs may still point at these
+
+
+def _split_counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 counters, one per (q block, KV head), that the split programs count
+    on; the last one to finish zeroes its counter again. Allocated once per device and
+    never freed (CUDA graphs keep the address)."""
+    counters = _COUNTERS.get(device)
+    if counters is None or counters.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("split-KV counters must be allocated before graph capture")
+        if counters is not None:
+            _OLD_COUNTERS.append(counters)
+        counters = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
+        _COUNTERS[device] = counters
+    return counters
 
 
 @triton.jit
@@ -106,8 +128,36 @@ def _online_softmax_step(s, m_i, l_i):
 
 
 @triton.jit
+def _combine_splits(out_ptr, part_acc_ptr, part_ml_ptr, tok, head, row_mask, d, d_mask,
+                    stride_ot, stride_oh, num_heads, head_dim, NUM_SPLITS: tl.constexpr,
+                    SPLITS_P2: tl.constexpr):
+    """Writes out[tok, head] for this program's rows from all the splits' partial outputs
+    (the running max and sum of each rescale its unnormalised output). Loads bypass L1:
+    other programs wrote the partials, and an earlier layer's may still be cached there."""
+    s = tl.arange(0, SPLITS_P2)
+    first = (tok * num_heads + head) * NUM_SPLITS  # [rows]: each row's split 0
+    ml = part_ml_ptr + (first[:, None] + s[None, :]) * 2
+    ml_mask = row_mask[:, None] & (s < NUM_SPLITS)[None, :]
+    m = tl.load(ml, mask=ml_mask, other=float("-inf"), cache_modifier=".cg")
+    l = tl.load(ml + 1, mask=ml_mask, other=0.0, cache_modifier=".cg")
+    m_max = tl.max(m, 1)
+    w = tl.exp(m - tl.where(m_max == float("-inf"), 0.0, m_max)[:, None])
+    total = tl.sum(w * l, 1)
+    io_mask = row_mask[:, None] & d_mask[None, :]
+    acc = tl.zeros([first.shape[0], d.shape[0]], tl.float32)
+    for i in tl.static_range(NUM_SPLITS):
+        w_i = tl.sum(tl.where(s[None, :] == i, w, 0.0), 1)
+        part = tl.load(part_acc_ptr + (first + i)[:, None] * head_dim + d[None, :],
+                       mask=io_mask, other=0.0, cache_modifier=".cg")
+        acc += part * w_i[:, None]
+    out = acc / tl.where(total > 0, total, 1.0)[:, None]
+    tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=io_mask)
+
+
+@triton.jit
 def _attention_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
+    q_ptr, k_ptr, v_ptr, out_ptr, part_acc_ptr, part_ml_ptr, counter_ptr,
     block_table_ptr, seq_lens_ptr, query_start_ptr, alibi_ptr,
     scale, soft_cap, window, num_seqs, num_heads,
     stride_qt, stride_qh, stride_ot, stride_oh,
@@ -116,18 +166,25 @@ def _attention_kernel(
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, QPKV_P2: tl.constexpr,
     DIM_P2: tl.constexpr, TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     USE_SOFT_CAP: tl.constexpr, USE_WINDOW: tl.constexpr, USE_ALIBI: tl.constexpr,
-    PAGED: tl.constexpr, DOT_PREC: tl.constexpr, USE_PDL: tl.constexpr,
+    PAGED: tl.constexpr, DECODE: tl.constexpr, COMBINE: tl.constexpr,
+    SPLITS_P2: tl.constexpr, DOT_PREC: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     wait_then_release(USE_PDL)
     q_block = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    seq = _find_seq(query_start_ptr, num_seqs, q_block, BLOCK_Q)
-    q_start = tl.load(query_start_ptr + seq)
-    q_len = tl.load(query_start_ptr + seq + 1) - q_start
-    local_block = q_block - (q_start // BLOCK_Q + seq)
-    if local_block * BLOCK_Q >= q_len:
-        return
+    if DECODE:  # one token per sequence: program = sequence = token, no search
+        seq = q_block
+        q_start = q_block
+        q_len = 1
+        local_block = 0
+    else:
+        seq = _find_seq(query_start_ptr, num_seqs, q_block, BLOCK_Q)
+        q_start = tl.load(query_start_ptr + seq)
+        q_len = tl.load(query_start_ptr + seq + 1) - q_start
+        local_block = q_block - (q_start // BLOCK_Q + seq)
+        if local_block * BLOCK_Q >= q_len:
+            return
     seq_len = tl.load(seq_lens_ptr + seq)
     context = seq_len - q_len
     kv_len = seq_len if PAGED else q_len
@@ -181,6 +238,13 @@ def _attention_kernel(
         tl.store(part_acc_ptr + part[:, None] * head_dim + d[None, :], acc, mask=io_mask)
         tl.store(part_ml_ptr + part * 2, m_i, mask=row_mask)
         tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=row_mask)
+        if COMBINE:  # the last split of this q block and KV head to finish combines them
+            count = counter_ptr + q_block * tl.num_programs(1) + kv_head
+            if tl.atomic_add(count, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
+                _combine_splits(out_ptr, part_acc_ptr, part_ml_ptr, tok, head, row_mask, d,
+                                d_mask, stride_ot, stride_oh, num_heads, head_dim, NUM_SPLITS,
+                                SPLITS_P2)
+                tl.store(count, 0)  # zero again for the next launch
 
 
 @triton.jit
@@ -274,9 +338,15 @@ def paged_attention(
                                dtype=torch.float32, device=q.device)
         part_ml = torch.empty(num_tokens, num_heads, num_splits, 2,
                               dtype=torch.float32, device=q.device)
-    grid = (num_tokens // block_q + num_seqs, num_kv_heads, num_splits)
+    # Decode (one token per sequence, as every CUDA-graph step): a program per sequence, which
+    # saves the search over query_start_loc and its dependent loads; padded sequences of a
+    # graph batch have seq_len 0 and attend to nothing.
+    decode = paged and max_query_len <= 1 and num_tokens == num_seqs and _DECODE_GRID
+    grid = (num_seqs if decode else num_tokens // block_q + num_seqs, num_kv_heads, num_splits)
+    combine = num_splits > 1 and _COMBINE_IN_KERNEL
+    counters = _split_counters(q.device, grid[0] * grid[1]) if combine else out
     _attention_kernel[grid](
-        q, key, value, out, part_acc, part_ml,
+        q, key, value, out, part_acc, part_ml, counters,
         bt, seq_lens, query_start_loc, alibi_slopes if alibi_slopes is not None else q,
         scale, float(soft_cap or 0.0), int(sliding_window or 0), num_seqs, num_heads,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
@@ -284,11 +354,11 @@ def paged_attention(
         BLOCK_Q=block_q, BLOCK_M=block_m, QPKV_P2=triton.next_power_of_2(qpkv),
         DIM_P2=dim_p2, TILE_N=tile_n, NUM_SPLITS=num_splits,
         USE_SOFT_CAP=bool(soft_cap), USE_WINDOW=bool(sliding_window),
-        USE_ALIBI=alibi_slopes is not None, PAGED=paged,
-        DOT_PREC="ieee" if q.dtype == torch.float32 else None,
+        USE_ALIBI=alibi_slopes is not None, PAGED=paged, DECODE=decode, COMBINE=combine,
+        SPLITS_P2=triton.next_power_of_2(num_splits), DOT_PREC="ieee" if q.dtype == torch.float32 else None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_args(q.device),
     )
-    if num_splits > 1:
+    if num_splits > 1 and not combine:
         _reduce_splits_kernel[(num_tokens, num_heads)](
             out, part_acc, part_ml, query_start_loc, num_seqs, num_heads,
             out.stride(0), out.stride(1), head_dim,

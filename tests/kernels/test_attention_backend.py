@@ -156,6 +156,10 @@ def test_cuda_graph_padding():
     # padded tokens (slot -1) and padded empty requests must be ignored
     run_both(make_layer(4, 2, 32), [(10, 1), (4, 1), (22, 1)], pad_tokens=5, pad_reqs=2)
     run_both(make_layer(4, 2, 32), [(10, 1), (30, 1)], pad_tokens=2, pad_reqs=2, splits=2)
+    # as the graphs pad: one token per padded request, so the decode grid (a program per
+    # sequence) runs, and padded requests have seq_len 0
+    run_both(make_layer(4, 2, 32), [(10, 1), (4, 1), (22, 1)], pad_tokens=2, pad_reqs=2)
+    run_both(make_layer(4, 2, 32), [(10, 1), (40, 1)], pad_tokens=3, pad_reqs=3, splits=4)
 
 
 @pytest.mark.parametrize("neox,rotary_dim", [(True, 32), (False, 32), (True, 16)])
