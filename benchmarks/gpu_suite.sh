@@ -65,7 +65,7 @@ all_tests() {
   if [ -n "${TESTS:-}" ]; then
     run_tests custom "${TEST_TIMEOUT:-240}" $TESTS
   else
-    run_tests e2e "${E2E_TIMEOUT:-240}" tests/gpu/test_e2e_gpu.py
+    run_tests e2e "${E2E_TIMEOUT:-300}" tests/gpu/test_e2e_gpu.py
     run_tests kernels "${KERNEL_TIMEOUT:-90}" $PAR tests/gpu/test_kernels_gpu.py \
       tests/gpu/test_moe_gpu.py
     run_tests families "${FAMILY_TIMEOUT:-110}" $PAR tests/models/test_families_gpu.py

@@ -62,23 +62,35 @@ def _hf_greedy(model, prompt, steps):
     return out.sequences[0, len(prompt):].tolist(), logprobs
 
 
-@gpu
-@pytest.mark.parametrize("fused", ["1", "force"])
-def test_greedy_fp32_matches_transformers(tiny_llama_gpu_path, fused, monkeypatch):
-    """fused="force": the fused decode layer (layers/fused_decode.py), which otherwise serves
-    only half precision, runs in fp32 too, for every step of at most 16 tokens."""
+FP32_PROMPTS = make_prompts(384, lengths=(1, 5, 17, 40, 90, 130))
+FP32_STEPS = 24
+
+
+@pytest.fixture(scope="module")
+def fp32_references(tiny_llama_gpu_path):
+    """transformers' greedy ids and logprobs, once for both runs of the test below."""
     from transformers import AutoModelForCausalLM
-    from pagoda.layers import fused_decode
-    monkeypatch.setattr(fused_decode, "MODE", fused)
-    prompts = make_prompts(384, lengths=(1, 5, 17, 40, 90, 130))
-    steps = 24
-    outs = _with_llm(tiny_llama_gpu_path, lambda llm: _generate(llm, prompts, steps, logprobs=0),
-                     dtype="float32")
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama_gpu_path, dtype=torch.float32)
     hf = hf.to("cuda").eval()
+    refs = [_hf_greedy(hf, prompt, FP32_STEPS) for prompt in FP32_PROMPTS]
+    del hf
+    torch.cuda.empty_cache()
+    return refs
+
+
+@gpu
+@pytest.mark.parametrize("fused", ["1", "force"])
+def test_greedy_fp32_matches_transformers(tiny_llama_gpu_path, fp32_references, fused,
+                                          monkeypatch):
+    """fused="force": the fused decode layer (layers/fused_decode.py), which otherwise serves
+    only half precision, runs in fp32 too, for every step of at most 16 tokens."""
+    from pagoda.layers import fused_decode
+    monkeypatch.setattr(fused_decode, "MODE", fused)
+    outs = _with_llm(tiny_llama_gpu_path,
+                     lambda llm: _generate(llm, FP32_PROMPTS, FP32_STEPS, logprobs=0),
+                     dtype="float32")
     ties = 0
-    for prompt, out in zip(prompts, outs):
-        want, ref_lp = _hf_greedy(hf, prompt, steps)
+    for (want, ref_lp), out in zip(fp32_references, outs):
         got = list(out.token_ids)
         for step, (w, g) in enumerate(zip(want, got)):
             if w != g:
