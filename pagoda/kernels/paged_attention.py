@@ -13,9 +13,13 @@ query_start_loc and exits early when it has no queries.
 
 Split-KV (flash decoding): with few sequences and long contexts the grid above is too small to
 fill the GPU, so a third grid axis splits each sequence's key range into NUM_SPLITS pieces; each
-writes an unnormalised partial output plus its running max and sum, and `_reduce_splits_kernel`
-combines them. (Letting split 0 do a short sequence whole, skipping the reduce, was measured
-on the H200 and dropped: 0.21 ms a Llama-8B step slower at ~250 keys, docs/benchmarks.md.)
+writes an unnormalised partial output plus its running max and sum. The last split of a
+sequence and KV head to finish (an atomic counter, zeroed again by that split) combines them,
+so no reduce kernel follows (`_reduce_splits_kernel` remains for PAGODA_ATTN_COMBINE=0;
+on the H200 the combine saved 0.07 ms a Llama-8B step at batch 8 and was even at batch 1).
+(Letting split 0 do a short sequence whole was measured on the H200 and dropped: 0.21 ms a
+Llama-8B step slower at ~250 keys, docs/benchmarks.md.) At decode (one token per sequence) the
+grid is one program per sequence instead, with no search.
 """
 
 from __future__ import annotations
@@ -355,7 +359,8 @@ def paged_attention(
         DIM_P2=dim_p2, TILE_N=tile_n, NUM_SPLITS=num_splits,
         USE_SOFT_CAP=bool(soft_cap), USE_WINDOW=bool(sliding_window),
         USE_ALIBI=alibi_slopes is not None, PAGED=paged, DECODE=decode, COMBINE=combine,
-        SPLITS_P2=triton.next_power_of_2(num_splits), DOT_PREC="ieee" if q.dtype == torch.float32 else None,
+        SPLITS_P2=triton.next_power_of_2(num_splits),
+        DOT_PREC="ieee" if q.dtype == torch.float32 else None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_args(q.device),
     )
     if num_splits > 1 and not combine:

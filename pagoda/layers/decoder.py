@@ -5,7 +5,7 @@ A family file only picks options (biases, q/k norms, activation) and names."""
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Union
 
 import torch
 from torch import nn
@@ -33,7 +33,8 @@ def hidden_act_of(config: Any) -> str:
 
 
 def norm_with_residual(norm: nn.Module, hidden: torch.Tensor,
-                       residual: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                       residual: Union[torch.Tensor, SquareSums, None]
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """The first layer has no residual yet (the embedding output becomes it), nor has a layer
     after a fused one (layers/fused_decode.py: its output is the whole residual stream, and
     `residual` holds that stream's sums of squares); every other layer folds the residual add

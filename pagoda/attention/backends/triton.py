@@ -1,8 +1,8 @@
 """Triton attention backend (GPU): KV-cache write plus one unified paged-attention kernel.
 
 `build_metadata` makes only host-side decisions (from the host copies in the common metadata)
-so a step never waits on the device; `forward` launches two kernels per layer (three when the
-split-KV decode path is on).
+so a step never waits on the device; `forward` launches two kernels per layer: rotary + KV
+write, and attention (whose split-KV path combines its splits itself).
 """
 
 from __future__ import annotations
