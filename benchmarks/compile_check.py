@@ -23,7 +23,7 @@ from pagoda.kernels.activation import _act_and_mul_kernel  # noqa: E402
 from pagoda.kernels.kv_cache import _rope_write_kv_kernel  # noqa: E402
 from pagoda.kernels.layernorm import _rms_norm_kernel  # noqa: E402
 from pagoda.kernels.paged_attention import _attention_kernel, _reduce_splits_kernel  # noqa: E402
-from pagoda.kernels.sampling import _sample_kernel  # noqa: E402
+from pagoda.kernels.sampling import _chunk_best_kernel, _sample_kernel  # noqa: E402
 from pagoda.kernels.skinny_gemm import _skinny_gemm_kernel  # noqa: E402
 
 BF16 = "*bf16"
@@ -72,6 +72,9 @@ CASES = [
                                  USE_PDL=True),
      {"pos_ptr": "*i64", "q_ptr": BF16, "k_ptr": BF16, "v_ptr": BF16, "cos_sin_ptr": "*fp32",
       "cache_ptr": BF16, "slot_ptr": "*i64"}),
+    (_chunk_best_kernel, dict(NOISE=2, NUM_CHUNKS=16, CHUNK=8192, BLOCK=1024),
+     {"logits_ptr": BF16, "q_ptr": BF16, "temp_ptr": "*fp32", "best_ptr": "*fp32",
+      "idx_ptr": "*i32", "greedy_eps": "fp32"}),
     (_sample_kernel, dict(NT=8, ROUNDS=9, BLOCK=1024, SEARCH_BLOCK=512),
      {"logits_ptr": "*fp32", "q_ptr": "*fp32", "temp_ptr": "*fp32", "top_k_ptr": "*i64",
       "top_p_ptr": "*fp32", "min_p_ptr": "*fp32", "out_ptr": "*i64", "buf_ptr": "*fp32",

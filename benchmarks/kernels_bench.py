@@ -32,8 +32,9 @@ from pagoda.kernels.kv_cache import write_kv_cache  # noqa: E402
 from pagoda.kernels.layernorm import fused_add_rms_norm, rms_norm  # noqa: E402
 from pagoda.kernels.paged_attention import paged_attention  # noqa: E402
 from pagoda.kernels.rotary import apply_rotary  # noqa: E402
-from pagoda.kernels.sampling import sample  # noqa: E402
+from pagoda.kernels.sampling import sample, sample_plain  # noqa: E402
 from pagoda.kernels.skinny_gemm import skinny_gemm  # noqa: E402
+from pagoda.layers.sampler import draw_exponential  # noqa: E402
 
 DEV, BF = "cuda", torch.bfloat16
 ROWS: list[tuple[str, float, str]] = []
@@ -174,6 +175,15 @@ def bench_sampling(copy_gbs: float):
         record(f"sample top_k=50 top_p=0.9 B={b}",
                bench(lambda: sample(logits, temp, top_k, top_p, zeros, q)), nbytes,
                copy_gbs=copy_gbs)
+        # The engine's plain path (layers/sampler.py): bf16 logits straight from the LM head,
+        # noise drawn in the kernel, against the fp32 copy + torch noise it replaced.
+        half = logits.to(BF)
+        record(f"plain sampler, noise in kernel, bf16 B={b}",
+               bench(lambda: sample_plain(half, temp, None, seed=1)), half.numel() * 2,
+               copy_gbs=copy_gbs)
+        record(f"plain sampler, fp32 copy + torch noise B={b}",
+               bench(lambda: sample_plain(half.float(), temp, draw_exponential(
+                   half.shape, half.device))), half.numel() * 2, copy_gbs=copy_gbs)
 
 
 # Decode projections (N, K): Llama-3.1-8B qkv, o, gate_up, down, lm_head; Qwen3-0.6B qkv, o,
@@ -261,8 +271,11 @@ def main():
           f"triton {triton.__version__}", flush=True)
     torch.manual_seed(0)
     copy_gbs = copy_rate()
-    if "--fused" in sys.argv:
+    if "--fused" in sys.argv:  # the fused decode layer's GEMMs
         bench_fused(copy_gbs)
+        return _save()
+    if "--sampling" in sys.argv:
+        bench_sampling(copy_gbs)
         return _save()
     if "--skinny" in sys.argv:  # the projection GEMMs only (with the config sweep)
         bench_skinny(copy_gbs, configs=SKINNY_CONFIGS)

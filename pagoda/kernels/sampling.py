@@ -207,11 +207,13 @@ def _gumbel_max(base, q_row, V, inv_temp, m, cut, BLOCK: tl.constexpr):
 
 @triton.jit
 def _chunk_best_kernel(logits_ptr, q_ptr, temp_ptr, best_ptr, idx_ptr, V, stride_l, stride_q,
-                       greedy_eps, NUM_CHUNKS: tl.constexpr, CHUNK: tl.constexpr,
-                       BLOCK: tl.constexpr):
+                       greedy_eps, seed, NOISE: tl.constexpr, NUM_CHUNKS: tl.constexpr,
+                       CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     """Best (score, first index) of one vocabulary chunk of one row: the raw logit for greedy
     rows, logit / temperature - log(q) otherwise (Gumbel-max without the row max, which
-    does not move the argmax)."""
+    does not move the argmax). q, Exp(1) noise, is read from q_ptr (NOISE=1) or drawn here as
+    -log(u) from Philox (NOISE=2; counter row * V + column), which saves writing and reading a
+    [rows, vocab] noise tensor and the kernels that fill it."""
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     temp = tl.load(temp_ptr + row).to(tl.float32)
@@ -222,10 +224,15 @@ def _chunk_best_kernel(logits_ptr, q_ptr, temp_ptr, best_ptr, idx_ptr, V, stride
     for start in range(chunk * CHUNK, chunk * CHUNK + CHUNK, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         cmask = cols < V
-        score = tl.load(logits_ptr + row * stride_l + cols, mask=cmask, other=float("-inf"))
-        if not greedy:
-            q = tl.load(q_ptr + row * stride_q + cols, mask=cmask, other=1.0)
-            score = score * inv_temp - tl.log(q)
+        score = tl.load(logits_ptr + row * stride_l + cols, mask=cmask,
+                        other=float("-inf")).to(tl.float32)
+        if NOISE != 0:
+            if not greedy:
+                if NOISE == 1:
+                    q = tl.load(q_ptr + row * stride_q + cols, mask=cmask, other=1.0)
+                else:  # u = 0 gives q = inf: that token never wins
+                    q = -tl.log(tl.rand(seed, row * V + cols))
+                score = score * inv_temp - tl.log(q)
         take = score > best
         best_idx = tl.where(take, cols, best_idx)
         best = tl.where(take, score, best)
@@ -246,10 +253,13 @@ def _pick_chunk_kernel(best_ptr, idx_ptr, out_ptr, NUM_CHUNKS: tl.constexpr,
 
 
 def sample_plain(logits: torch.Tensor, temperature: torch.Tensor,
-                 q: Optional[torch.Tensor], chunk: int = 8192) -> torch.Tensor:
+                 q: Optional[torch.Tensor], chunk: int = 8192,
+                 seed: Optional[int] = None) -> torch.Tensor:
     """Greedy or plain temperature sampling (no top-k, top-p or min-p in the batch): the
     vocabulary is split over programs, so a few rows still fill the GPU (one program per row
-    walked 128k logits in ~55 us at batch 1). q None: every row is greedy (temperature 0)."""
+    walked 128k logits in ~55 us at batch 1). logits: any float dtype (read as fp32). Noise
+    for the sampling rows: q [rows, vocab] Exp(1), or, with q None and a seed, drawn in the
+    kernel; q and seed both None: every row is greedy (temperature 0)."""
     num_rows, vocab = logits.shape
     assert logits.stride(-1) == 1 and (q is None or q.stride(-1) == 1)
     out = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
@@ -261,8 +271,9 @@ def sample_plain(logits: torch.Tensor, temperature: torch.Tensor,
     idx = torch.empty(num_rows, num_chunks, dtype=torch.int32, device=logits.device)
     _chunk_best_kernel[(num_rows, num_chunks)](
         logits, q if q is not None else logits, temperature, best, idx, vocab,
-        logits.stride(0), q.stride(0) if q is not None else 0, _GREEDY_EPS,
-        NUM_CHUNKS=num_chunks, CHUNK=chunk, BLOCK=min(chunk, 1024), num_warps=4)
+        logits.stride(0), q.stride(0) if q is not None else 0, _GREEDY_EPS, seed or 0,
+        NOISE=1 if q is not None else 2 if seed is not None else 0, NUM_CHUNKS=num_chunks,
+        CHUNK=chunk, BLOCK=min(chunk, 1024), num_warps=4)
     _pick_chunk_kernel[(num_rows,)](best, idx, out, NUM_CHUNKS=num_chunks,
                                     CHUNKS_P2=triton.next_power_of_2(num_chunks))
     return out

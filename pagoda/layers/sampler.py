@@ -49,12 +49,13 @@ class SamplerOutput:
 
 class Sampler(nn.Module):
     def forward(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
-        logits = logits.float()
+        """logits in the model's dtype; everything here works in fp32 (the plain Triton
+        sampler reads half-precision logits itself, saving a [rows, vocab] fp32 copy)."""
         raw_logprobs = None
         if md.max_num_logprobs is not None:
-            raw_logprobs = torch.log_softmax(logits, dim=-1)
+            raw_logprobs = torch.log_softmax(logits.float(), dim=-1)
         if has_processors(md):
-            logits = apply_processors(logits.clone(), md)
+            logits = apply_processors(logits.float().clone(), md)
         sampled = self.sample(logits, md)
         if raw_logprobs is None:
             return SamplerOutput(sampled)
@@ -64,6 +65,7 @@ class Sampler(nn.Module):
     def sample(self, logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
         if logits.is_cuda and platform.use_triton_kernels(logits.device):
             return _kernel_sample(logits.contiguous(), md)
+        logits = logits.float()
         greedy = logits.argmax(dim=-1)
         if md.all_greedy:
             return greedy
@@ -81,13 +83,18 @@ class Sampler(nn.Module):
 
 def _kernel_sample(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
     """The Triton samplers, with no host sync: a vocabulary-parallel argmax when no row
-    truncates the distribution, else the sort-free top-k/top-p/min-p kernel."""
+    truncates the distribution, else the sort-free top-k/top-p/min-p kernel. The plain one
+    draws its own noise unless a row has a seed (that row's generator must draw it)."""
     from pagoda.kernels.sampling import sample as triton_sample
     from pagoda.kernels.sampling import sample_plain
     if md.all_greedy:
         return sample_plain(logits, md.temperature, None)
     if md.top_k is None and md.top_p is None and md.min_p is None:
-        return sample_plain(logits, md.temperature, exponential_noise(logits, md.generators))
+        if md.generators:
+            return sample_plain(logits, md.temperature,
+                                exponential_noise(logits, md.generators))
+        return sample_plain(logits, md.temperature, None, seed=next_noise_seed())
+    logits = logits.float()
     rows, device = logits.shape[0], logits.device
     top_k = md.top_k if md.top_k is not None else torch.zeros(rows, dtype=torch.int64,
                                                               device=device)
@@ -159,6 +166,12 @@ def draw_exponential(shape, device: torch.device,
     """Exp(1) noise as -log(U): the same distribution as `exponential_`, about 4x faster on
     the CPU. Every draw (sampling, a seeded request's replay) goes through here."""
     return torch.rand(shape, device=device, generator=generator).log_().neg_()
+
+
+def next_noise_seed() -> int:
+    """A seed for noise drawn inside a kernel, from torch's CPU generator (no device sync;
+    the engine's seed makes the sequence reproducible)."""
+    return int(torch.randint(0, 2**31 - 1, (1,)))
 
 
 def exponential_noise(probs: torch.Tensor, generators: dict[int, torch.Generator]

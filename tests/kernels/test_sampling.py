@@ -108,3 +108,20 @@ def test_plain_sampling_matches_reference(chunk):
     assert got[0] == 700 and got[2] >= 500
     greedy = sample_plain(logits, torch.zeros(len(rows)), None, chunk=chunk)
     assert greedy.tolist() == logits.argmax(-1).tolist()
+
+
+def test_plain_sampling_with_noise_drawn_in_the_kernel():
+    """q None with a seed: Philox noise in the kernel. Frequencies follow the softmax at the
+    row's temperature, a seed repeats its draws, greedy rows keep the argmax, and the
+    logits may be half precision."""
+    from pagoda.kernels.sampling import sample_plain
+    v, n = 8, 256
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -1.0, -2.0, -3.0]]).repeat(n, 1)
+    temp = torch.full((n,), 0.8)
+    temp[:4] = 0.0
+    got = sample_plain(logits.to(torch.bfloat16), temp, None, seed=1234)
+    assert (got[:4] == 0).all()
+    freq = torch.bincount(got[4:], minlength=v).float() / (n - 4)
+    torch.testing.assert_close(freq, torch.softmax(logits[0] / 0.8, -1), atol=0.09, rtol=0)
+    assert torch.equal(sample_plain(logits, temp, None, seed=1234), got)
+    assert not torch.equal(sample_plain(logits, temp, None, seed=1235), got)
