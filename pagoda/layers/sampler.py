@@ -5,7 +5,8 @@ then allowed-token masks, logit bias, min_tokens, penalties; then greedy argmax 
 temperature -> min_p -> top-k/top-p -> a draw by the exponential race (argmax of p / q with
 q ~ Exp(1)), which needs no sort and no host sync. Seeded rows draw their noise from their
 own generator, so a seed gives the same text whatever else is in the batch. On CUDA the draw
-is the sort-free Triton sampler (kernels/sampling.py), with the same noise."""
+is the sort-free Triton sampler (kernels/sampling.py), with the same noise; when nothing
+truncates the distribution and no row has a seed, the kernel draws the noise itself."""
 
 from __future__ import annotations
 
