@@ -48,7 +48,7 @@ def _skinny(**flags) -> dict:
     """The skinny GEMM as Llama-3.1-8B's decode layers launch it (plain: q/k/v's tiles)."""
     return dict(dict(HAS_BIAS=False, NORM=False, PARTS_P2=128, GATED=False, ACT=0,
                      RESIDUAL=False, SUM_SQUARES=False, EVEN_K=True, BLOCK_N=64, BLOCK_K=256,
-                     DOT_PREC="tf32", USE_PDL=True), **flags)
+                     DOT_PREC="tf32", PREFETCH_BYTES=0, USE_PDL=True), **flags)
 
 
 # (kernel, constexprs, argument types; unnamed arguments are i32) at Llama-3.1-8B decode shapes
@@ -60,7 +60,8 @@ CASES = [
      {"out_ptr": BF16, "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32",
       "query_start_ptr": "*i32"}),
     (_skinny_gemm_kernel, _skinny(), SKINNY_TYPES),
-    (_skinny_gemm_kernel, _skinny(NORM=True, GATED=True, BLOCK_N=32), SKINNY_TYPES),
+    (_skinny_gemm_kernel, _skinny(NORM=True, GATED=True, BLOCK_N=32, PREFETCH_BYTES=1536),
+     SKINNY_TYPES),
     (_skinny_gemm_kernel, _skinny(NORM=True, HAS_BIAS=True), SKINNY_TYPES),
     (_skinny_gemm_kernel, _skinny(RESIDUAL=True, SUM_SQUARES=True, BLOCK_N=32, BLOCK_K=512),
      SKINNY_TYPES),

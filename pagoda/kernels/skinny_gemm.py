@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from pagoda.kernels.activation import _ACTS, _act
+from pagoda.kernels import pdl
 from pagoda.kernels.pdl import launch_args, wait_then_release
 
 MAX_ROWS = 16
@@ -26,6 +27,20 @@ MAX_ROWS = 16
 # cuBLAS kernel also breaks the launch overlap on both sides. Measured on Llama-3.1-8B P1
 # (H200, 2026-11-29): 4.44 against 4.40 ms a step, so it stays off; kept for A/B runs.
 _ALL_SHAPES = os.environ.get("PAGODA_SKINNY_ALL") == "1"
+# PAGODA_SKINNY_PREFETCH=1: each program prefetches its first weight tiles into L2 before the
+# PDL wait (`_prefetch_bytes`). Prepared for an A/B run; off until measured.
+_PREFETCH = os.environ.get("PAGODA_SKINNY_PREFETCH") == "1"
+
+
+@triton.jit
+def _prefetch_rows_l2(row_ptrs, nbytes):
+    """Asks the copy engine to bring the first `nbytes` of each row into L2
+    (cp.async.bulk.prefetch, sm90): issued before the PDL wait, so a GEMM's first weight
+    tiles are on their way while the previous kernel finishes. nbytes: multiple of 16."""
+    sizes = tl.full(row_ptrs.shape, nbytes, tl.int32)
+    tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;",
+                              "=r,l,r", [row_ptrs, sizes], dtype=tl.int32, is_pure=False,
+                              pack=1)
 
 
 @triton.jit
@@ -68,10 +83,16 @@ def _skinny_gemm_kernel(
     stride_rm, stride_ym, num_parts, eps, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
     PARTS_P2: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr,
     SUM_SQUARES: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr, USE_PDL: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr, PREFETCH_BYTES: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
-    wait_then_release(USE_PDL)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if PREFETCH_BYTES > 0:  # weights are never written: safe before the wait
+        rows_w = w_ptr + tl.minimum(cols, N - 1).to(tl.int64) * stride_wn
+        _prefetch_rows_l2(rows_w, PREFETCH_BYTES)
+        if GATED:
+            _prefetch_rows_l2(rows_w + N * stride_wn, PREFETCH_BYTES)
+    wait_then_release(USE_PDL)
     rows = tl.arange(0, 16)
     ks = tl.arange(0, BLOCK_K)
     col_mask = cols < N
@@ -213,6 +234,9 @@ def _launch(x, weight, bias, config, y, *, act=None, square_sums=None, eps=1e-6,
     cfg = dict(choose_config(n, k), **(config or {}))
     if x.dtype == torch.float32 and not config:  # same tile bytes (shared memory) as bf16
         cfg["block_k"] //= 2
+    prefetch = _prefetch_bytes(cfg, k, weight, x.device)
+    if prefetch and not config:  # 3 stages leave shared memory for the next GEMM's CTA
+        cfg["num_stages"] = 3
     # gated: each program reads block_n rows of gate and of up, so halve the chosen tile
     block_n = max(16, cfg["block_n"] // 2) if act is not None and not config else cfg["block_n"]
     n_out = y.shape[1]
@@ -224,9 +248,21 @@ def _launch(x, weight, bias, config, y, *, act=None, square_sums=None, eps=1e-6,
         PARTS_P2=triton.next_power_of_2(num_parts), GATED=act is not None,
         ACT=_ACTS[act or "silu"], RESIDUAL=residual, SUM_SQUARES=sums_out is not None,
         EVEN_K=k % cfg["block_k"] == 0, BLOCK_N=block_n, BLOCK_K=cfg["block_k"],
-        DOT_PREC="ieee" if x.dtype == torch.float32 else None,
+        DOT_PREC="ieee" if x.dtype == torch.float32 else None, PREFETCH_BYTES=prefetch,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_args(x.device),
     )
+
+
+def _prefetch_bytes(cfg: dict, k: int, weight: torch.Tensor, device: torch.device) -> int:
+    """Bytes of each weight row to prefetch into L2 before the PDL wait (0: none): the
+    first three K tiles. Only with PAGODA_SKINNY_PREFETCH=1 (an experiment, not yet timed)
+    and with PDL, whose early launch is what gives the prefetch time to land."""
+    if not _PREFETCH or not pdl.enabled(device):
+        return 0
+    nbytes = min(3 * cfg["block_k"], k) * weight.element_size()
+    if nbytes % 16 or (weight.stride(0) * weight.element_size()) % 16 or weight.data_ptr() % 16:
+        return 0
+    return nbytes
 
 
 def _or(tensor: Optional[torch.Tensor], placeholder: torch.Tensor) -> torch.Tensor:

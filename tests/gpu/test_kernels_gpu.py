@@ -213,6 +213,16 @@ def test_skinny_gemm_fusions(m):
     assert rel_err(got, F.silu(gate) * up) < 1e-2
 
 
+def test_skinny_gemm_l2_prefetch_changes_nothing(monkeypatch):
+    """PAGODA_SKINNY_PREFETCH=1 (the L2 prefetch before the PDL wait) gives the same bits."""
+    from pagoda.kernels import skinny_gemm as sg
+    x = torch.randn(4, 4096, device=DEV, dtype=BF)
+    w = torch.randn(2 * 14336, 4096, device=DEV, dtype=BF) / 64
+    plain = sg.skinny_gemm(x, w, act="silu")
+    monkeypatch.setattr(sg, "_PREFETCH", True)
+    assert torch.equal(sg.skinny_gemm(x, w, act="silu"), plain)
+
+
 def test_plain_sampling_noise_in_kernel():
     """The plain sampler's Philox noise at a real vocabulary and batch: bf16 logits, and the
     draws of 8192 rows over a 16-token softmax within 1.5% of its probabilities."""
