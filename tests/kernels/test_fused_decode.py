@@ -8,6 +8,7 @@ import torch
 from pagoda import LLM, SamplingParams
 from pagoda.layers import decoder, fused_decode
 from tests.models.harness import check_run, hf_greedy
+from tests.models.test_families import checkpoints  # noqa: F401 (fixture)
 from tests.utils import make_model, tiny_llama_config
 
 MAX_NEW = 6
@@ -51,6 +52,21 @@ def test_greedy_matches_transformers(tmp_path, count_fused, make_config):
     check_run(llm, refs, outputs, make_config.__name__, "fused")
     assert 3 in count_fused and 2 in count_fused  # a fused prefill and fused 2-row decodes
     assert max(count_fused) <= fused_decode.MAX_ROWS
+
+
+# phi3-longrope: fused q/k/v and gate_up checkpoints, the longrope switch while decoding;
+# qwen2_moe: a dense layer after a sparse one, so fused and unfused layers alternate.
+@pytest.mark.parametrize("family", ["phi3-longrope", "qwen2_moe"])
+def test_families_through_the_fused_path(checkpoints, count_fused, family):
+    from tests.models.test_families import MAX_NEW as FAMILY_NEW, TOP, skip_if_reference_wrong
+    skip_if_reference_wrong(family)
+    path, prompts, refs = checkpoints(family)
+    llm = LLM(path, dtype="float32", seed=0)
+    params = SamplingParams(temperature=0, max_tokens=FAMILY_NEW, logprobs=TOP,
+                            ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    check_run(llm, refs, outputs, f"{family}/fused", "fused")
+    assert count_fused
 
 
 def test_only_plain_layers_fuse():
