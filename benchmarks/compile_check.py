@@ -29,7 +29,8 @@ from pagoda.kernels.skinny_gemm import _skinny_gemm_kernel  # noqa: E402
 BF16 = "*bf16"
 ATTENTION_TYPES = {"q_ptr": BF16, "k_ptr": BF16, "v_ptr": BF16, "out_ptr": BF16,
                    "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "counter_ptr": "*i32",
-                   "block_table_ptr": "*i32", "seq_lens_ptr": "*i32", "query_start_ptr": "*i32", "alibi_ptr": BF16,
+                   "block_table_ptr": "*i32", "seq_lens_ptr": "*i32", "query_start_ptr": "*i32",
+                   "alibi_ptr": BF16,
                    "scale": "fp32", "soft_cap": "fp32"}
 
 

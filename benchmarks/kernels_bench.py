@@ -2,7 +2,7 @@
 report achieved bandwidth against the measured device-to-device copy rate (bytes read plus
 bytes written), or TFLOP/s for compute-bound attention prefill.
 
-    PYTHONPATH=. python benchmarks/kernels_bench.py
+    PYTHONPATH=. python benchmarks/kernels_bench.py [--skinny | --fused | --sampling]
 
 Measured on one H200 (torch 2.11, triton 3.6), 2026-11-29, CUDA-graph replay medians; copy
 ceiling 4247 GB/s (1 GiB device-to-device copy, eager). Decode H=32/8 D=128 block 16:
@@ -243,7 +243,8 @@ def bench_fused(copy_gbs: float):
             if kind == "qkv":
                 run("skinny, normalising", lambda w: skinny_gemm(x, w, square_sums=sums))
             if kind == "gate_up":
-                run("cublas + act kernel", lambda w: silu_and_mul(torch.nn.functional.linear(x, w)))
+                run("cublas + act kernel",
+                    lambda w: silu_and_mul(torch.nn.functional.linear(x, w)))
                 run("skinny, normalising, act", lambda w: skinny_gemm(x, w, square_sums=sums,
                                                                       act="silu"))
             if kind in ("down", "o"):
