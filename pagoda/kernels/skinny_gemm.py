@@ -27,9 +27,9 @@ MAX_ROWS = 16
 # cuBLAS kernel also breaks the launch overlap on both sides. Measured on Llama-3.1-8B P1
 # (H200, 2026-11-29): 4.44 against 4.40 ms a step, so it stays off; kept for A/B runs.
 _ALL_SHAPES = os.environ.get("PAGODA_SKINNY_ALL") == "1"
-# PAGODA_SKINNY_PREFETCH=1: each program prefetches its first weight tiles into L2 before the
-# PDL wait (`_prefetch_bytes`). Prepared for an A/B run; off until measured.
-_PREFETCH = os.environ.get("PAGODA_SKINNY_PREFETCH") == "1"
+# PAGODA_SKINNY_PREFETCH=N: each program prefetches its first N weight tiles (K steps) into
+# L2 before the PDL wait (`_prefetch_bytes`). Prepared for an A/B run; off (0) until measured.
+_PREFETCH_TILES = int(os.environ.get("PAGODA_SKINNY_PREFETCH", "0"))
 
 
 @triton.jit
@@ -254,12 +254,15 @@ def _launch(x, weight, bias, config, y, *, act=None, square_sums=None, eps=1e-6,
 
 
 def _prefetch_bytes(cfg: dict, k: int, weight: torch.Tensor, device: torch.device) -> int:
-    """Bytes of each weight row to prefetch into L2 before the PDL wait (0: none): the
-    first three K tiles. Only with PAGODA_SKINNY_PREFETCH=1 (an experiment, not yet timed)
-    and with PDL, whose early launch is what gives the prefetch time to land."""
-    if not _PREFETCH or not pdl.enabled(device):
+    """Bytes of each weight row to prefetch into L2 before the PDL wait (0: none): the first
+    PAGODA_SKINNY_PREFETCH K tiles (an experiment, not yet timed). Why it might pay: a GEMM
+    here streams at ~43 GB/s a program with ~96 KB in flight, so filling its pipeline costs
+    ~2 us of the ~3.9 us each GEMM spends beyond streaming (docs/benchmarks.md); requested
+    before the wait, while the previous kernel finishes, those first tiles come from L2.
+    Needs PDL, whose early launch is what gives the prefetch time to land."""
+    if not _PREFETCH_TILES or not pdl.enabled(device):
         return 0
-    nbytes = min(3 * cfg["block_k"], k) * weight.element_size()
+    nbytes = min(_PREFETCH_TILES * cfg["block_k"], k) * weight.element_size()
     if nbytes % 16 or (weight.stride(0) * weight.element_size()) % 16 or weight.data_ptr() % 16:
         return 0
     return nbytes

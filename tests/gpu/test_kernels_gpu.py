@@ -214,12 +214,12 @@ def test_skinny_gemm_fusions(m):
 
 
 def test_skinny_gemm_l2_prefetch_changes_nothing(monkeypatch):
-    """PAGODA_SKINNY_PREFETCH=1 (the L2 prefetch before the PDL wait) gives the same bits."""
+    """PAGODA_SKINNY_PREFETCH=3 (the L2 prefetch before the PDL wait) gives the same bits."""
     from pagoda.kernels import skinny_gemm as sg
     x = torch.randn(4, 4096, device=DEV, dtype=BF)
     w = torch.randn(2 * 14336, 4096, device=DEV, dtype=BF) / 64
     plain = sg.skinny_gemm(x, w, act="silu")
-    monkeypatch.setattr(sg, "_PREFETCH", True)
+    monkeypatch.setattr(sg, "_PREFETCH_TILES", 3)
     assert torch.equal(sg.skinny_gemm(x, w, act="silu"), plain)
 
 
