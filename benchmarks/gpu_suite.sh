@@ -58,7 +58,9 @@ echo "tests use transformers $(PYTHONPATH=$TEST_PATH python -c \
 run_tests() {  # run_tests NAME SECONDS ARGS...: full log appended to $OUT/pytest.log
   local name=$1 limit=$2 log="$OUT/pytest_$1.tmp"; shift 2
   echo "=== tests $name ($(date -u +%H:%M:%S)) ===" | tee -a "$LOG"
-  PYTHONPATH="$TEST_PATH" timeout "$limit" python -m pytest -q -p no:cacheprovider -rfE "$@" \
+  # -v names each test as it ends, so a group cut by its limit shows where it was
+  PYTHONPATH="$TEST_PATH" timeout "$limit" python -m pytest -v -p no:cacheprovider -rfE \
+    --durations=8 "$@" \
     > "$log" 2>&1
   echo "=== tests $name rc=$? ===" | tee -a "$LOG"; tail -4 "$log" | tee -a "$LOG"
   { echo "===== $name"; cat "$log"; } >> "$OUT/pytest.log"; rm -f "$log"
