@@ -2,7 +2,9 @@
 not: Triton's wheel carries ptxas. A compile error that the interpreter (CI's CPU path) cannot
 see shows up here before a device call is spent on it. With Triton 3.6 on the path (the H200
 image's: `pip install --no-deps --target DIR triton==3.6.0`, then PYTHONPATH=DIR:.) it checks
-what the device will compile. Exits 1 if any kernel fails; prints one line per kernel.
+what the device will compile. Each kernel is compiled with the engine's launch options and
+the alignment hints Triton's launcher gives, and must fit sm90's shared memory. Exits 1 if
+any kernel fails; prints one line per kernel, with its shared memory.
 
     python benchmarks/compile_check.py
 """
@@ -84,25 +86,48 @@ CASES = [
 ]
 
 
-def compile_sm90(kernel, constexprs: dict, types: dict) -> None:
+# What Triton's launcher tells the compiler at Llama shapes: tensors are 16-byte aligned, and
+# these integers are multiples of 16. Without the hints the loads compile to scalar ones and
+# the pipelining (cp.async stages) the real launch gets is not what is checked.
+ALIGNED_INTS = {"N", "K", "V", "head_dim", "block_size"}
+SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm90
+LAUNCH = {"_skinny_gemm_kernel": dict(num_warps=4, num_stages=4),
+          "_attention_kernel": dict(num_warps=4, num_stages=3),
+          "_sample_kernel": dict(num_warps=8), "_chunk_best_kernel": dict(num_warps=4)}
+
+
+def compile_sm90(kernel, constexprs: dict, types: dict) -> int:
+    """Compiles with the launch options the engine uses; returns the shared memory bytes."""
     names = list(inspect.signature(kernel.fn).parameters)
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
+    aligned = [n for n in names if n not in constexprs
+               and (signature[n].startswith("*") or n.startswith("stride_") or n in ALIGNED_INTS)]
     source = triton.compiler.ASTSource(
         fn=kernel, signature=signature,
-        constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    triton.compile(source, target=GPUTarget("cuda", 90, 32))
+        constexprs={(names.index(k),): v for k, v in constexprs.items()},
+        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+    options = LAUNCH.get(kernel.fn.__name__, {})
+    if constexprs.get("PREFETCH_BYTES"):
+        options = dict(options, num_stages=3)  # as skinny_gemm._launch runs the prefetch
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).metadata.shared
 
 
 def main() -> int:
     print(f"triton {triton.__version__}")
     failed = 0
     for kernel, constexprs, types in CASES:
+        name = kernel.fn.__name__
         try:
-            compile_sm90(kernel, constexprs, types)
-            print(f"ok    {kernel.fn.__name__}")
+            shared = compile_sm90(kernel, constexprs, types)
         except Exception as exc:  # report every kernel, then fail
             failed += 1
-            print(f"FAIL  {kernel.fn.__name__}: {type(exc).__name__}: {str(exc)[:600]}")
+            print(f"FAIL  {name}: {type(exc).__name__}: {str(exc)[:600]}")
+            continue
+        if shared > SHARED_LIMIT:
+            failed += 1
+            print(f"FAIL  {name}: {shared} bytes of shared memory, more than {SHARED_LIMIT}")
+        else:
+            print(f"ok    {name}  {shared // 1024} KB shared")
     return 1 if failed else 0
 
 
