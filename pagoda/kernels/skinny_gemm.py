@@ -30,6 +30,11 @@ _ALL_SHAPES = os.environ.get("PAGODA_SKINNY_ALL") == "1"
 # PAGODA_SKINNY_PREFETCH=N: each program prefetches its first N weight tiles (K steps) into
 # L2 before the PDL wait (`_prefetch_bytes`). Prepared for an A/B run; off (0) until measured.
 _PREFETCH_TILES = int(os.environ.get("PAGODA_SKINNY_PREFETCH", "0"))
+# PAGODA_SKINNY_TMA=1: weight tiles come through Hopper's TMA (a host descriptor per weight)
+# instead of per-thread cp.async loads: fewer instructions and registers per byte in flight,
+# which is what bounds one program's ~43 GB/s. Prepared for an A/B run; off until measured.
+_TMA = os.environ.get("PAGODA_SKINNY_TMA") == "1"
+_TMA_DESCRIPTORS: dict = {}
 
 
 @triton.jit
@@ -41,6 +46,15 @@ def _prefetch_rows_l2(row_ptrs, nbytes):
     tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;",
                               "=r,l,r", [row_ptrs, sizes], dtype=tl.int32, is_pure=False,
                               pack=1)
+
+
+@triton.jit
+def _w_tile(w_desc, base, kk, w_mask, row0, k0, USE_TMA: tl.constexpr):
+    """The [BLOCK_N, BLOCK_K] weight tile at (row0, k0): through the TMA descriptor (rows or
+    columns past the end read as zero) or as masked loads from `base` (the tile's rows)."""
+    if USE_TMA:
+        return w_desc.load([row0, k0])
+    return tl.load(base + kk[None, :], mask=w_mask, other=0.0)
 
 
 @triton.jit
@@ -79,12 +93,12 @@ def _epilogue(acc, up, inv_rms, b_ptr, r_ptr, rows, cols, col_mask, out_mask, N,
 
 @triton.jit
 def _skinny_gemm_kernel(
-    x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, s_in_ptr, s_out_ptr, M, N, K, stride_xm, stride_wn,
-    stride_rm, stride_ym, num_parts, eps, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
+    x_ptr, w_ptr, w_desc, b_ptr, r_ptr, y_ptr, s_in_ptr, s_out_ptr, M, N, K, stride_xm,
+    stride_wn, stride_rm, stride_ym, num_parts, eps, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
     PARTS_P2: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr,
     SUM_SQUARES: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr, PREFETCH_BYTES: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    USE_TMA: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     if PREFETCH_BYTES > 0:  # weights are never written: safe before the wait
@@ -116,10 +130,11 @@ def _skinny_gemm_kernel(
             x_mask = row_mask[:, None] & (kk < K)[None, :]
             w_mask = col_mask[:, None] & (kk < K)[None, :]
         x = tl.load(x_base + kk[None, :], mask=x_mask, other=0.0)
-        w = tl.load(w_base + kk[None, :], mask=w_mask, other=0.0)
+        row0 = tl.program_id(0) * BLOCK_N
+        w = _w_tile(w_desc, w_base, kk, w_mask, row0, k0, USE_TMA)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PREC)
         if GATED:
-            wu = tl.load(up_base + kk[None, :], mask=w_mask, other=0.0)
+            wu = _w_tile(w_desc, up_base, kk, w_mask, row0 + N, k0, USE_TMA)
             up = tl.dot(x, tl.trans(wu), up, input_precision=DOT_PREC)
     out_mask = row_mask[:, None] & col_mask[None, :]
     y = _epilogue(acc, up, inv_rms, b_ptr, r_ptr, rows, cols, col_mask, out_mask, N, stride_rm,
@@ -241,14 +256,16 @@ def _launch(x, weight, bias, config, y, *, act=None, square_sums=None, eps=1e-6,
     block_n = max(16, cfg["block_n"] // 2) if act is not None and not config else cfg["block_n"]
     n_out = y.shape[1]
     num_parts = square_sums.shape[1] if square_sums is not None else 1
+    w_desc = _tma_descriptor(weight, block_n, cfg["block_k"]) if _TMA and x.is_cuda else None
     _skinny_gemm_kernel[(triton.cdiv(n_out, block_n),)](
-        x2d, weight, _or(bias, weight), y, y, _or(square_sums, y), _or(sums_out, y),
+        x2d, weight, w_desc, _or(bias, weight), y, y, _or(square_sums, y), _or(sums_out, y),
         x2d.shape[0], n_out, k, x2d.stride(0), weight.stride(0), y.stride(0), y.stride(0),
         num_parts, eps, HAS_BIAS=bias is not None, NORM=square_sums is not None,
         PARTS_P2=triton.next_power_of_2(num_parts), GATED=act is not None,
         ACT=_ACTS[act or "silu"], RESIDUAL=residual, SUM_SQUARES=sums_out is not None,
         EVEN_K=k % cfg["block_k"] == 0, BLOCK_N=block_n, BLOCK_K=cfg["block_k"],
         DOT_PREC="ieee" if x.dtype == torch.float32 else None, PREFETCH_BYTES=prefetch,
+        USE_TMA=w_desc is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_args(x.device),
     )
 
@@ -266,6 +283,21 @@ def _prefetch_bytes(cfg: dict, k: int, weight: torch.Tensor, device: torch.devic
     if nbytes % 16 or (weight.stride(0) * weight.element_size()) % 16 or weight.data_ptr() % 16:
         return 0
     return nbytes
+
+
+def _tma_descriptor(weight: torch.Tensor, block_n: int, block_k: int):
+    """A host-side TMA descriptor of the weight in tiles of [block_n, block_k], made once per
+    weight and tile (weights never move; a CUDA graph keeps the one it captured). None where
+    TMA cannot describe it: a tile side over 256 elements, or rows not 16-byte aligned."""
+    row_bytes = weight.stride(0) * weight.element_size()
+    if max(block_n, block_k) > 256 or row_bytes % 16 or weight.data_ptr() % 16:
+        return None
+    key = (weight.data_ptr(), tuple(weight.shape), block_n, block_k)
+    desc = _TMA_DESCRIPTORS.get(key)
+    if desc is None:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        desc = _TMA_DESCRIPTORS[key] = TensorDescriptor.from_tensor(weight, [block_n, block_k])
+    return desc
 
 
 def _or(tensor: Optional[torch.Tensor], placeholder: torch.Tensor) -> torch.Tensor:

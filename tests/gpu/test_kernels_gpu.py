@@ -213,13 +213,16 @@ def test_skinny_gemm_fusions(m):
     assert rel_err(got, F.silu(gate) * up) < 1e-2
 
 
-def test_skinny_gemm_l2_prefetch_changes_nothing(monkeypatch):
-    """PAGODA_SKINNY_PREFETCH=3 (the L2 prefetch before the PDL wait) gives the same bits."""
+@pytest.mark.parametrize("switch,value", [("_PREFETCH_TILES", 3), ("_TMA", True)])
+@pytest.mark.parametrize("n,k", [(2 * 14336, 4096), (8016, 1000)])  # even and ragged tiles
+def test_skinny_gemm_experiments_change_nothing(monkeypatch, switch, value, n, k):
+    """PAGODA_SKINNY_PREFETCH (L2 prefetch before the PDL wait) and PAGODA_SKINNY_TMA
+    (weight tiles through TMA) give the same bits as the plain kernel."""
     from pagoda.kernels import skinny_gemm as sg
-    x = torch.randn(4, 4096, device=DEV, dtype=BF)
-    w = torch.randn(2 * 14336, 4096, device=DEV, dtype=BF) / 64
+    x = torch.randn(4, k, device=DEV, dtype=BF)
+    w = torch.randn(n, k, device=DEV, dtype=BF) / 64
     plain = sg.skinny_gemm(x, w, act="silu")
-    monkeypatch.setattr(sg, "_PREFETCH_TILES", 3)
+    monkeypatch.setattr(sg, switch, value)
     assert torch.equal(sg.skinny_gemm(x, w, act="silu"), plain)
 
 
