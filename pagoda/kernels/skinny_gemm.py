@@ -6,7 +6,9 @@ reduce launch; here each program owns BLOCK_N output columns for all M rows and 
 whole K dimension with pipelined loads, so there is no reduce and every weight byte is read
 exactly once. tl.dot needs 16 rows, so x is padded to 16 rows by masking (free: the tensor
 cores are idle in a bandwidth-bound pass). Configs come from a sweep on an H200
-(benchmarks/kernels_bench.py, `skinny`)."""
+(benchmarks/kernels_bench.py, `skinny`). The same kernel takes the decoder layer's small
+neighbours into its prologue and epilogue (layers/fused_decode.py): see `skinny_gemm`'s
+`square_sums` and `act`, and `add_linear`."""
 
 from __future__ import annotations
 
@@ -17,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from pagoda.kernels.activation import _ACTS, _act
 from pagoda.kernels import pdl
+from pagoda.kernels.activation import _ACTS, _act
 from pagoda.kernels.pdl import launch_args, wait_then_release
 
 MAX_ROWS = 16
