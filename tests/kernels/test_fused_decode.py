@@ -87,6 +87,7 @@ def test_fold_norm_weights(monkeypatch):
     assert not fused_decode.use_fused(layer, torch.zeros(2, 64))
     gamma = torch.rand(64) + 0.5
     layer.post_attention_layernorm.weight.data.copy_(gamma)
+    layer.mlp.gate_up_proj.weight.data.normal_()  # the model was built with empty weights
     gate_up = layer.mlp.gate_up_proj.weight.detach().clone()
     monkeypatch.setattr(fused_decode, "MODE", "force")
     assert fused_decode.fold_norm_weights(model) == 2
