@@ -282,17 +282,14 @@ def _prefetch_bytes(cfg: dict, k: int, weight: torch.Tensor, device: torch.devic
     if not _PREFETCH_TILES or not pdl.enabled(device):
         return 0
     nbytes = min(_PREFETCH_TILES * cfg["block_k"], k) * weight.element_size()
-    if nbytes % 16 or (weight.stride(0) * weight.element_size()) % 16 or weight.data_ptr() % 16:
-        return 0
-    return nbytes
+    return nbytes if nbytes % 16 == 0 and _rows_16b_aligned(weight) else 0
 
 
 def _tma_descriptor(weight: torch.Tensor, block_n: int, block_k: int):
     """A host-side TMA descriptor of the weight in tiles of [block_n, block_k], made once per
     weight and tile (weights never move; a CUDA graph keeps the one it captured). None where
     TMA cannot describe it: a tile side over 256 elements, or rows not 16-byte aligned."""
-    row_bytes = weight.stride(0) * weight.element_size()
-    if max(block_n, block_k) > 256 or row_bytes % 16 or weight.data_ptr() % 16:
+    if max(block_n, block_k) > 256 or not _rows_16b_aligned(weight):
         return None
     key = (weight.data_ptr(), tuple(weight.shape), block_n, block_k)
     desc = _TMA_DESCRIPTORS.get(key)
@@ -300,6 +297,12 @@ def _tma_descriptor(weight: torch.Tensor, block_n: int, block_k: int):
         from triton.tools.tensor_descriptor import TensorDescriptor
         desc = _TMA_DESCRIPTORS[key] = TensorDescriptor.from_tensor(weight, [block_n, block_k])
     return desc
+
+
+def _rows_16b_aligned(weight: torch.Tensor) -> bool:
+    """Every row of the weight starts on 16 bytes, as the bulk copies (TMA, L2 prefetch)
+    need."""
+    return (weight.stride(0) * weight.element_size()) % 16 == 0 and weight.data_ptr() % 16 == 0
 
 
 def _or(tensor: Optional[torch.Tensor], placeholder: torch.Tensor) -> torch.Tensor:
