@@ -24,7 +24,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from pagoda.kernels.activation import _act_and_mul_kernel  # noqa: E402
 from pagoda.kernels.kv_cache import _rope_write_kv_kernel  # noqa: E402
 from pagoda.kernels.layernorm import _rms_norm_kernel  # noqa: E402
-from pagoda.kernels.paged_attention import _attention_kernel, _reduce_splits_kernel  # noqa: E402
+from pagoda.kernels.paged_attention import _attention_kernel  # noqa: E402
 from pagoda.kernels.sampling import _chunk_best_kernel, _sample_kernel  # noqa: E402
 from pagoda.kernels.skinny_gemm import _skinny_gemm_kernel  # noqa: E402
 
@@ -36,11 +36,10 @@ ATTENTION_TYPES = {"q_ptr": BF16, "k_ptr": BF16, "v_ptr": BF16, "out_ptr": BF16,
                    "scale": "fp32", "soft_cap": "fp32"}
 
 
-def _attention(splits: int, window: bool = False) -> dict:
+def _attention(splits: int, window: bool = False, decode: bool = True) -> dict:
     return dict(BLOCK_Q=4, BLOCK_M=16, QPKV_P2=4, DIM_P2=128, TILE_N=128, NUM_SPLITS=splits,
                 USE_SOFT_CAP=window, USE_WINDOW=window, USE_ALIBI=False, PAGED=True,
-                DECODE=True, COMBINE=splits > 1, SPLITS_P2=splits, DOT_PREC="tf32",
-                USE_PDL=True)
+                DECODE=decode, SPLITS_P2=splits, DOT_PREC="tf32", USE_PDL=True)
 
 
 SKINNY_TYPES = {"x_ptr": BF16, "w_ptr": BF16, "b_ptr": BF16, "r_ptr": BF16, "y_ptr": BF16,
@@ -66,9 +65,7 @@ CASES = [
     (_attention_kernel, _attention(1), ATTENTION_TYPES),
     (_attention_kernel, _attention(16), ATTENTION_TYPES),
     (_attention_kernel, _attention(16, window=True), ATTENTION_TYPES),
-    (_reduce_splits_kernel, dict(NUM_SPLITS=16, SPLITS_P2=16, DIM_P2=128, USE_PDL=True),
-     {"out_ptr": BF16, "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32",
-      "query_start_ptr": "*i32"}),
+    (_attention_kernel, _attention(1, decode=False), ATTENTION_TYPES),  # prefill grid
     (_skinny_gemm_kernel, _skinny(), SKINNY_TYPES),
     (_skinny_gemm_kernel, _skinny(NORM=True, GATED=True, BLOCK_N=32, PREFETCH_BYTES=1536),
      SKINNY_TYPES),

@@ -15,8 +15,8 @@ Split-KV (flash decoding): with few sequences and long contexts the grid above i
 fill the GPU, so a third grid axis splits each sequence's key range into NUM_SPLITS pieces; each
 writes an unnormalised partial output plus its running max and sum. The last split of a
 sequence and KV head to finish (an atomic counter, zeroed again by that split) combines them,
-so no reduce kernel follows (`_reduce_splits_kernel` remains for PAGODA_ATTN_COMBINE=0;
-on the H200 the combine saved 0.07 ms a Llama-8B step at batch 8 and was even at batch 1).
+so no reduce kernel follows (on the H200 this saved 0.07 ms a Llama-8B step at batch 8
+against a separate reduce kernel, and was even at batch 1).
 (Letting split 0 do a short sequence whole was measured on the H200 and dropped: 0.21 ms a
 Llama-8B step slower at ~250 keys, docs/benchmarks.md.) At decode (one token per sequence) the
 grid is one program per sequence instead, with no search.
@@ -33,9 +33,8 @@ import triton.language as tl
 
 from pagoda.kernels.pdl import launch_args, wait_then_release
 
-# =0 turns each off, for A/B runs
+# =0 gives decode the general grid, for A/B runs
 _DECODE_GRID = os.environ.get("PAGODA_ATTN_DECODE_GRID", "1") != "0"
-_COMBINE_IN_KERNEL = os.environ.get("PAGODA_ATTN_COMBINE", "1") != "0"
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 _OLD_COUNTERS: list[torch.Tensor] = []  # captured CUDA graphs may still point at these
 
@@ -76,6 +75,19 @@ def _find_seq(query_start_ptr, num_seqs, q_block, BLOCK_Q: tl.constexpr):
         else:
             hi = mid
     return lo - 1
+
+
+@triton.jit
+def _locate_q_block(query_start_ptr, num_seqs, q_block, BLOCK_Q: tl.constexpr,
+                    DECODE: tl.constexpr):
+    """(sequence, its first token, its query count, this block's index within it). DECODE
+    (one token per sequence): program = sequence = token, with no search and no load."""
+    if DECODE:
+        return q_block, q_block, 1, 0
+    seq = _find_seq(query_start_ptr, num_seqs, q_block, BLOCK_Q)
+    q_start = tl.load(query_start_ptr + seq)
+    q_len = tl.load(query_start_ptr + seq + 1) - q_start
+    return seq, q_start, q_len, q_block - (q_start // BLOCK_Q + seq)
 
 
 @triton.jit
@@ -170,25 +182,17 @@ def _attention_kernel(
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, QPKV_P2: tl.constexpr,
     DIM_P2: tl.constexpr, TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     USE_SOFT_CAP: tl.constexpr, USE_WINDOW: tl.constexpr, USE_ALIBI: tl.constexpr,
-    PAGED: tl.constexpr, DECODE: tl.constexpr, COMBINE: tl.constexpr,
-    SPLITS_P2: tl.constexpr, DOT_PREC: tl.constexpr, USE_PDL: tl.constexpr,
+    PAGED: tl.constexpr, DECODE: tl.constexpr, SPLITS_P2: tl.constexpr,
+    DOT_PREC: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     wait_then_release(USE_PDL)
     q_block = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    if DECODE:  # one token per sequence: program = sequence = token, no search
-        seq = q_block
-        q_start = q_block
-        q_len = 1
-        local_block = 0
-    else:
-        seq = _find_seq(query_start_ptr, num_seqs, q_block, BLOCK_Q)
-        q_start = tl.load(query_start_ptr + seq)
-        q_len = tl.load(query_start_ptr + seq + 1) - q_start
-        local_block = q_block - (q_start // BLOCK_Q + seq)
-        if local_block * BLOCK_Q >= q_len:
-            return
+    seq, q_start, q_len, local_block = _locate_q_block(query_start_ptr, num_seqs, q_block,
+                                                       BLOCK_Q, DECODE)
+    if local_block * BLOCK_Q >= q_len:  # past its sequence's queries (never at decode)
+        return
     seq_len = tl.load(seq_lens_ptr + seq)
     context = seq_len - q_len
     kv_len = seq_len if PAGED else q_len
@@ -242,42 +246,13 @@ def _attention_kernel(
         tl.store(part_acc_ptr + part[:, None] * head_dim + d[None, :], acc, mask=io_mask)
         tl.store(part_ml_ptr + part * 2, m_i, mask=row_mask)
         tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=row_mask)
-        if COMBINE:  # the last split of this q block and KV head to finish combines them
-            count = counter_ptr + q_block * tl.num_programs(1) + kv_head
-            if tl.atomic_add(count, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
-                _combine_splits(out_ptr, part_acc_ptr, part_ml_ptr, tok, head, row_mask, d,
-                                d_mask, stride_ot, stride_oh, num_heads, head_dim, NUM_SPLITS,
-                                SPLITS_P2)
-                tl.store(count, 0)  # zero again for the next launch
-
-
-@triton.jit
-def _reduce_splits_kernel(
-    out_ptr, part_acc_ptr, part_ml_ptr, query_start_ptr, num_seqs, num_heads,
-    stride_ot, stride_oh, head_dim,
-    NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, DIM_P2: tl.constexpr,
-    USE_PDL: tl.constexpr,
-):
-    wait_then_release(USE_PDL)
-    tok = tl.program_id(0)
-    head = tl.program_id(1)
-    if tok >= tl.load(query_start_ptr + num_seqs):  # CUDA-graph padding: nothing was written
-        return
-    s = tl.arange(0, SPLITS_P2)
-    d = tl.arange(0, DIM_P2)
-    s_mask = s < NUM_SPLITS
-    part = (tok.to(tl.int64) * num_heads + head) * NUM_SPLITS + s
-    m = tl.load(part_ml_ptr + part * 2, mask=s_mask, other=float("-inf"))
-    l = tl.load(part_ml_ptr + part * 2 + 1, mask=s_mask, other=0.0)
-    m_max = tl.max(m, 0)
-    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
-    w = tl.exp(m - m_max)
-    acc = tl.load(part_acc_ptr + part[:, None] * head_dim + d[None, :],
-                  mask=s_mask[:, None] & (d[None, :] < head_dim), other=0.0)
-    total = tl.sum(w * l, 0)
-    out = tl.sum(acc * w[:, None], 0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + tok * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty),
-             mask=d < head_dim)
+        # the last split of this q block and KV head to finish combines them
+        count = counter_ptr + q_block * tl.num_programs(1) + kv_head
+        if tl.atomic_add(count, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
+            _combine_splits(out_ptr, part_acc_ptr, part_ml_ptr, tok, head, row_mask, d,
+                            d_mask, stride_ot, stride_oh, num_heads, head_dim, NUM_SPLITS,
+                            SPLITS_P2)
+            tl.store(count, 0)  # zero again for the next launch
 
 
 def choose_config(max_query_len: int, num_queries_per_kv: int, head_dim: int,
@@ -347,8 +322,7 @@ def paged_attention(
     # graph batch have seq_len 0 and attend to nothing.
     decode = paged and max_query_len <= 1 and num_tokens == num_seqs and _DECODE_GRID
     grid = (num_seqs if decode else num_tokens // block_q + num_seqs, num_kv_heads, num_splits)
-    combine = num_splits > 1 and _COMBINE_IN_KERNEL
-    counters = _split_counters(q.device, grid[0] * grid[1]) if combine else out
+    counters = _split_counters(q.device, grid[0] * grid[1]) if num_splits > 1 else out
     _attention_kernel[grid](
         q, key, value, out, part_acc, part_ml, counters,
         bt, seq_lens, query_start_loc, alibi_slopes if alibi_slopes is not None else q,
@@ -358,16 +332,9 @@ def paged_attention(
         BLOCK_Q=block_q, BLOCK_M=block_m, QPKV_P2=triton.next_power_of_2(qpkv),
         DIM_P2=dim_p2, TILE_N=tile_n, NUM_SPLITS=num_splits,
         USE_SOFT_CAP=bool(soft_cap), USE_WINDOW=bool(sliding_window),
-        USE_ALIBI=alibi_slopes is not None, PAGED=paged, DECODE=decode, COMBINE=combine,
+        USE_ALIBI=alibi_slopes is not None, PAGED=paged, DECODE=decode,
         SPLITS_P2=triton.next_power_of_2(num_splits),
         DOT_PREC="ieee" if q.dtype == torch.float32 else None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_args(q.device),
     )
-    if num_splits > 1 and not combine:
-        _reduce_splits_kernel[(num_tokens, num_heads)](
-            out, part_acc, part_ml, query_start_loc, num_seqs, num_heads,
-            out.stride(0), out.stride(1), head_dim,
-            NUM_SPLITS=num_splits, SPLITS_P2=triton.next_power_of_2(num_splits), DIM_P2=dim_p2,
-            **launch_args(q.device),
-        )
     return out
