@@ -206,6 +206,15 @@ def _gumbel_max(base, q_row, V, inv_temp, m, cut, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _exp_noise(q_ptr, stride_q, seed, row, cols, cmask, V, NOISE: tl.constexpr):
+    """Exp(1) noise of one row's columns: the caller's (NOISE=1), or -log(u) with u from
+    Philox (NOISE=2; u = 0 gives inf, and that token never wins)."""
+    if NOISE == 1:
+        return tl.load(q_ptr + row * stride_q + cols, mask=cmask, other=1.0)
+    return -tl.log(tl.rand(seed, row * V + cols))
+
+
+@triton.jit
 def _chunk_best_kernel(logits_ptr, q_ptr, temp_ptr, best_ptr, idx_ptr, V, stride_l, stride_q,
                        greedy_eps, seed, NOISE: tl.constexpr, NUM_CHUNKS: tl.constexpr,
                        CHUNK: tl.constexpr, BLOCK: tl.constexpr):
@@ -228,10 +237,7 @@ def _chunk_best_kernel(logits_ptr, q_ptr, temp_ptr, best_ptr, idx_ptr, V, stride
                         other=float("-inf")).to(tl.float32)
         if NOISE != 0:
             if not greedy:
-                if NOISE == 1:
-                    q = tl.load(q_ptr + row * stride_q + cols, mask=cmask, other=1.0)
-                else:  # u = 0 gives q = inf: that token never wins
-                    q = -tl.log(tl.rand(seed, row * V + cols))
+                q = _exp_noise(q_ptr, stride_q, seed, row, cols, cmask, V, NOISE)
                 score = score * inv_temp - tl.log(q)
         take = score > best
         best_idx = tl.where(take, cols, best_idx)
