@@ -48,16 +48,9 @@ SKINNY_TYPES = {"x_ptr": BF16, "w_ptr": BF16, "b_ptr": BF16, "r_ptr": BF16, "y_p
 
 def _skinny(**flags) -> dict:
     """The skinny GEMM as Llama-3.1-8B's decode layers launch it (plain: q/k/v's tiles)."""
-    return dict(dict(w_desc=None, HAS_BIAS=False, NORM=False, PARTS_P2=128, GATED=False, ACT=0,
+    return dict(dict(HAS_BIAS=False, NORM=False, PARTS_P2=128, GATED=False, ACT=0,
                      RESIDUAL=False, SUM_SQUARES=False, EVEN_K=True, BLOCK_N=64, BLOCK_K=256,
-                     DOT_PREC="tf32", PREFETCH_BYTES=0, USE_TMA=False, USE_PDL=True), **flags)
-
-
-def _skinny_tma(block_n: int, block_k: int, **flags) -> tuple:
-    """A skinny-GEMM case with its weight tiles through a TMA descriptor."""
-    flags = dict(_skinny(BLOCK_N=block_n, BLOCK_K=block_k, USE_TMA=True, **flags))
-    del flags["w_desc"]
-    return flags, dict(SKINNY_TYPES, w_desc=f"tensordesc<bf16[{block_n}, {block_k}]>")
+                     DOT_PREC="tf32", USE_PDL=True), **flags)
 
 
 # (kernel, constexprs, argument types; unnamed arguments are i32) at Llama-3.1-8B decode shapes
@@ -67,12 +60,11 @@ CASES = [
     (_attention_kernel, _attention(16, window=True), ATTENTION_TYPES),
     (_attention_kernel, _attention(1, decode=False), ATTENTION_TYPES),  # prefill grid
     (_skinny_gemm_kernel, _skinny(), SKINNY_TYPES),
-    (_skinny_gemm_kernel, _skinny(NORM=True, GATED=True, BLOCK_N=32, PREFETCH_BYTES=1536),
+    (_skinny_gemm_kernel, _skinny(NORM=True, GATED=True, BLOCK_N=32),
      SKINNY_TYPES),
     (_skinny_gemm_kernel, _skinny(NORM=True, HAS_BIAS=True), SKINNY_TYPES),
     (_skinny_gemm_kernel, _skinny(RESIDUAL=True, SUM_SQUARES=True, BLOCK_N=32, BLOCK_K=512),
      SKINNY_TYPES),
-    (_skinny_gemm_kernel, *_skinny_tma(32, 256, NORM=True, GATED=True)),
     (_rms_norm_kernel, dict(BLOCK_N=4096, ADD_RESIDUAL=True, USE_PDL=True),
      {"x_ptr": BF16, "res_ptr": BF16, "w_ptr": BF16, "out_ptr": BF16, "eps": "fp32"}),
     (_act_and_mul_kernel, dict(ACT=0, BLOCK=1024, USE_PDL=True),
@@ -112,8 +104,6 @@ def compile_sm90(kernel, constexprs: dict, types: dict) -> int:
         constexprs={(names.index(k),): v for k, v in constexprs.items()},
         attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
     options = LAUNCH.get(kernel.fn.__name__, {})
-    if constexprs.get("PREFETCH_BYTES"):
-        options = dict(options, num_stages=3)  # as skinny_gemm._launch runs the prefetch
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).metadata.shared
 
 

@@ -225,8 +225,6 @@ def bench_fused(copy_gbs: float):
     """The fused decode layer's GEMMs (layers/fused_decode.py) against their unfused parts:
     q/k/v and gate_up normalising through the producer's sums of squares, gate_up with the
     act in its epilogue, o_proj and down_proj adding into the residual stream."""
-    from pagoda.kernels import skinny_gemm as sg
-    from pagoda.kernels.activation import silu_and_mul
     from pagoda.kernels.skinny_gemm import add_linear
     for n, k, kind in ((6144, 4096, "qkv"), (28672, 4096, "gate_up"), (4096, 14336, "down"),
                        (4096, 4096, "o")):
@@ -241,10 +239,6 @@ def bench_fused(copy_gbs: float):
                 ms = bench(lambda: [fn(w) for w in weights]) / copies
                 record(f"{kind} M={m} {label}", ms, n * k * 2, copy_gbs=copy_gbs)
             run("skinny", lambda w: skinny_gemm(x, w))
-            for switch, value in (("_TMA", True), ("_PREFETCH_TILES", 3)):  # experiments
-                setattr(sg, switch, value)
-                run(f"skinny, {switch.strip('_').lower()}={value}", lambda w: skinny_gemm(x, w))
-                setattr(sg, switch, type(value)())
             if kind == "qkv":
                 run("skinny, normalising", lambda w: skinny_gemm(x, w, square_sums=sums))
             if kind == "gate_up":

@@ -19,7 +19,6 @@ import torch
 import triton
 import triton.language as tl
 
-from pagoda.kernels import pdl
 from pagoda.kernels.activation import _ACTS, _act
 from pagoda.kernels.pdl import launch_args, wait_then_release
 
@@ -29,34 +28,6 @@ MAX_ROWS = 16
 # cuBLAS kernel also breaks the launch overlap on both sides. Measured on Llama-3.1-8B P1
 # (H200, 2026-11-29): 4.44 against 4.40 ms a step, so it stays off; kept for A/B runs.
 _ALL_SHAPES = os.environ.get("PAGODA_SKINNY_ALL") == "1"
-# PAGODA_SKINNY_PREFETCH=N: each program prefetches its first N weight tiles (K steps) into
-# L2 before the PDL wait (`_prefetch_bytes`). Prepared for an A/B run; off (0) until measured.
-_PREFETCH_TILES = int(os.environ.get("PAGODA_SKINNY_PREFETCH", "0"))
-# PAGODA_SKINNY_TMA=1: weight tiles come through Hopper's TMA (a host descriptor per weight)
-# instead of per-thread cp.async loads: fewer instructions and registers per byte in flight,
-# which is what bounds one program's ~43 GB/s. Prepared for an A/B run; off until measured.
-_TMA = os.environ.get("PAGODA_SKINNY_TMA") == "1"
-_TMA_DESCRIPTORS: dict = {}
-
-
-@triton.jit
-def _prefetch_rows_l2(row_ptrs, nbytes):
-    """Asks the copy engine to bring the first `nbytes` of each row into L2
-    (cp.async.bulk.prefetch, sm90): issued before the PDL wait, so a GEMM's first weight
-    tiles are on their way while the previous kernel finishes. nbytes: multiple of 16."""
-    sizes = tl.full(row_ptrs.shape, nbytes, tl.int32)
-    tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;",
-                              "=r,l,r", [row_ptrs, sizes], dtype=tl.int32, is_pure=False,
-                              pack=1)
-
-
-@triton.jit
-def _w_tile(w_desc, base, kk, w_mask, row0, k0, USE_TMA: tl.constexpr):
-    """The [BLOCK_N, BLOCK_K] weight tile at (row0, k0): through the TMA descriptor (rows or
-    columns past the end read as zero) or as masked loads from `base` (the tile's rows)."""
-    if USE_TMA:
-        return w_desc.load([row0, k0])
-    return tl.load(base + kk[None, :], mask=w_mask, other=0.0)
 
 
 @triton.jit
@@ -95,19 +66,13 @@ def _epilogue(acc, up, inv_rms, b_ptr, r_ptr, rows, cols, col_mask, out_mask, N,
 
 @triton.jit
 def _skinny_gemm_kernel(
-    x_ptr, w_ptr, w_desc, b_ptr, r_ptr, y_ptr, s_in_ptr, s_out_ptr, M, N, K, stride_xm,
+    x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, s_in_ptr, s_out_ptr, M, N, K, stride_xm,
     stride_wn, stride_rm, stride_ym, num_parts, eps, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
     PARTS_P2: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr,
     SUM_SQUARES: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr, PREFETCH_BYTES: tl.constexpr,
-    USE_TMA: tl.constexpr, USE_PDL: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    if PREFETCH_BYTES > 0:  # weights are never written: safe before the wait
-        rows_w = w_ptr + tl.minimum(cols, N - 1).to(tl.int64) * stride_wn
-        _prefetch_rows_l2(rows_w, PREFETCH_BYTES)
-        if GATED:
-            _prefetch_rows_l2(rows_w + N * stride_wn, PREFETCH_BYTES)
     wait_then_release(USE_PDL)
     rows = tl.arange(0, 16)
     ks = tl.arange(0, BLOCK_K)
@@ -132,11 +97,10 @@ def _skinny_gemm_kernel(
             x_mask = row_mask[:, None] & (kk < K)[None, :]
             w_mask = col_mask[:, None] & (kk < K)[None, :]
         x = tl.load(x_base + kk[None, :], mask=x_mask, other=0.0)
-        row0 = tl.program_id(0) * BLOCK_N
-        w = _w_tile(w_desc, w_base, kk, w_mask, row0, k0, USE_TMA)
+        w = tl.load(w_base + kk[None, :], mask=w_mask, other=0.0)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PREC)
         if GATED:
-            wu = _w_tile(w_desc, up_base, kk, w_mask, row0 + N, k0, USE_TMA)
+            wu = tl.load(up_base + kk[None, :], mask=w_mask, other=0.0)
             up = tl.dot(x, tl.trans(wu), up, input_precision=DOT_PREC)
     out_mask = row_mask[:, None] & col_mask[None, :]
     y = _epilogue(acc, up, inv_rms, b_ptr, r_ptr, rows, cols, col_mask, out_mask, N, stride_rm,
@@ -192,13 +156,14 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 
     Measured on the H200 (benchmarks/kernels_bench.py --fused): Llama-3.1-8B's gate_up with
     the norm and act fused takes 58.8 us at batch 1 against 63.3 for cuBLAS plus the act
-    kernel. Any
-    elementwise work on the x tiles inside the loop breaks the load pipelining: computing the
-    norm's sums of squares there doubled q/k/v (16 -> 30 us) and gate_up (59 -> 110 us), and a
-    separate pass over x before the loop still cost 5 and 15 us; so did folding act(gate) * up
-    into down_proj's x loads (32 -> 176 us). Loading the first weight tile before the PDL wait
-    was slower too (4.19 ms per Llama-8B decode graph at batch 1 against 4.15), and so was
-    prefetching o_proj's weight into L2 during attention (docs/benchmarks.md)."""
+    kernel. Any elementwise work on the x tiles inside the loop breaks the load pipelining:
+    computing the norm's sums of squares there doubled q/k/v (16 -> 30 us) and gate_up
+    (59 -> 110 us), and a separate pass over x before the loop still cost 5 and 15 us; so did
+    folding act(gate) * up into down_proj's x loads (32 -> 176 us). Starting the weight stream
+    early lost every time (decode graph at batch 1, docs/benchmarks.md): the first tile loaded
+    before the PDL wait (4.19 against 4.15 ms), o_proj's weight prefetched into L2 during
+    attention, each program's first 1-6 tiles prefetched into L2 before the wait (4.12-5.17
+    against 4.05), and weight tiles through TMA (4.18 against 4.05)."""
     m, n_out = _check(x, weight, act)
     if square_sums is not None and (square_sums.shape[0] != m or square_sums.dim() != 2
                                     or not square_sums.is_contiguous()):
@@ -251,58 +216,20 @@ def _launch(x, weight, bias, config, y, *, act=None, square_sums=None, eps=1e-6,
     cfg = dict(choose_config(n, k), **(config or {}))
     if x.dtype == torch.float32 and not config:  # same tile bytes (shared memory) as bf16
         cfg["block_k"] //= 2
-    prefetch = _prefetch_bytes(cfg, k, weight, x.device)
-    if prefetch and not config:  # 3 stages leave shared memory for the next GEMM's CTA
-        cfg["num_stages"] = 3
     # gated: each program reads block_n rows of gate and of up, so halve the chosen tile
     block_n = max(16, cfg["block_n"] // 2) if act is not None and not config else cfg["block_n"]
     n_out = y.shape[1]
     num_parts = square_sums.shape[1] if square_sums is not None else 1
-    w_desc = _tma_descriptor(weight, block_n, cfg["block_k"]) if _TMA and x.is_cuda else None
     _skinny_gemm_kernel[(triton.cdiv(n_out, block_n),)](
-        x2d, weight, w_desc, _or(bias, weight), y, y, _or(square_sums, y), _or(sums_out, y),
+        x2d, weight, _or(bias, weight), y, y, _or(square_sums, y), _or(sums_out, y),
         x2d.shape[0], n_out, k, x2d.stride(0), weight.stride(0), y.stride(0), y.stride(0),
         num_parts, eps, HAS_BIAS=bias is not None, NORM=square_sums is not None,
         PARTS_P2=triton.next_power_of_2(num_parts), GATED=act is not None,
         ACT=_ACTS[act or "silu"], RESIDUAL=residual, SUM_SQUARES=sums_out is not None,
         EVEN_K=k % cfg["block_k"] == 0, BLOCK_N=block_n, BLOCK_K=cfg["block_k"],
-        DOT_PREC="ieee" if x.dtype == torch.float32 else None, PREFETCH_BYTES=prefetch,
-        USE_TMA=w_desc is not None,
+        DOT_PREC="ieee" if x.dtype == torch.float32 else None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_args(x.device),
     )
-
-
-def _prefetch_bytes(cfg: dict, k: int, weight: torch.Tensor, device: torch.device) -> int:
-    """Bytes of each weight row to prefetch into L2 before the PDL wait (0: none): the first
-    PAGODA_SKINNY_PREFETCH K tiles (an experiment, not yet timed). Why it might pay: a GEMM
-    here streams at ~43 GB/s a program with ~96 KB in flight, so filling its pipeline costs
-    ~2 us of the ~3.9 us each GEMM spends beyond streaming (docs/benchmarks.md); requested
-    before the wait, while the previous kernel finishes, those first tiles come from L2.
-    Needs PDL, whose early launch is what gives the prefetch time to land."""
-    if not _PREFETCH_TILES or not pdl.enabled(device):
-        return 0
-    nbytes = min(_PREFETCH_TILES * cfg["block_k"], k) * weight.element_size()
-    return nbytes if nbytes % 16 == 0 and _rows_16b_aligned(weight) else 0
-
-
-def _tma_descriptor(weight: torch.Tensor, block_n: int, block_k: int):
-    """A host-side TMA descriptor of the weight in tiles of [block_n, block_k], made once per
-    weight and tile (weights never move; a CUDA graph keeps the one it captured). None where
-    TMA cannot describe it: a tile side over 256 elements, or rows not 16-byte aligned."""
-    if max(block_n, block_k) > 256 or not _rows_16b_aligned(weight):
-        return None
-    key = (weight.data_ptr(), tuple(weight.shape), block_n, block_k)
-    desc = _TMA_DESCRIPTORS.get(key)
-    if desc is None:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-        desc = _TMA_DESCRIPTORS[key] = TensorDescriptor.from_tensor(weight, [block_n, block_k])
-    return desc
-
-
-def _rows_16b_aligned(weight: torch.Tensor) -> bool:
-    """Every row of the weight starts on 16 bytes, as the bulk copies (TMA, L2 prefetch)
-    need."""
-    return (weight.stride(0) * weight.element_size()) % 16 == 0 and weight.data_ptr() % 16 == 0
 
 
 def _or(tensor: Optional[torch.Tensor], placeholder: torch.Tensor) -> torch.Tensor:

@@ -213,19 +213,6 @@ def test_skinny_gemm_fusions(m):
     assert rel_err(got, F.silu(gate) * up) < 1e-2
 
 
-@pytest.mark.parametrize("switch,value", [("_PREFETCH_TILES", 3), ("_TMA", True)])
-@pytest.mark.parametrize("n,k", [(2 * 14336, 4096), (8016, 1000)])  # even and ragged tiles
-def test_skinny_gemm_experiments_change_nothing(monkeypatch, switch, value, n, k):
-    """PAGODA_SKINNY_PREFETCH (L2 prefetch before the PDL wait) and PAGODA_SKINNY_TMA
-    (weight tiles through TMA) give the same bits as the plain kernel."""
-    from pagoda.kernels import skinny_gemm as sg
-    x = torch.randn(4, k, device=DEV, dtype=BF)
-    w = torch.randn(n, k, device=DEV, dtype=BF) / 64
-    plain = sg.skinny_gemm(x, w, act="silu")
-    monkeypatch.setattr(sg, switch, value)
-    assert torch.equal(sg.skinny_gemm(x, w, act="silu"), plain)
-
-
 def test_plain_sampling_noise_in_kernel():
     """The plain sampler's Philox noise at a real vocabulary and batch: bf16 logits, and the
     draws of 8192 rows over a 16-token softmax within 1.5% of its probabilities."""
