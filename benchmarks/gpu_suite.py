@@ -98,6 +98,47 @@ def _profile_decode(llm, path: str, tokens: int = 32) -> None:
                 f.write(f"(not available: {exc})\n")
 
 
+def _profile_batch_decode(llm, path: str, batch: int, prompt_len: int, steps: int) -> dict:
+    """Where a large-batch decode step goes, GPU or host: `batch` requests of `prompt_len`
+    tokens are stepped past their prefill; then `steps` decode steps are timed (wall and
+    executor time: the rest is host work the lookahead did not hide), and `steps` more run
+    under the profiler (per-kernel GPU time to $OUT/`path`)."""
+    from torch.profiler import ProfilerActivity, profile
+    from pagoda import SamplingParams
+    from pagoda.benchmarks.recorder import StepRecorder
+    engine, vocab = llm.engine, llm.engine.config.model_config.vocab_size
+    params = SamplingParams(max_tokens=2 * steps + 64, ignore_eos=True, temperature=1.0)
+    for i in range(batch):
+        ids = [(i * 7919 + j * 31) % (vocab - 512) + 256 for j in range(prompt_len)]
+        engine.add_request(f"profile-{i}", {"prompt_token_ids": ids}, params)
+    recorder = StepRecorder(llm)
+    while not recorder.records or not recorder.records[-1].is_decode_only:
+        engine.step()
+    for _ in range(4):  # past the first decode steps (graph replay, lookahead chain)
+        engine.step()
+    recorder.reset()
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    wall_ms = 1000 * (time.perf_counter() - start) / steps
+    exec_ms = 1000 * recorder.totals().step_time_s / steps
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+    recorder.detach()
+    engine.abort_request([f"profile-{i}" for i in range(batch)])
+    while engine.has_unfinished_requests():
+        engine.step()
+    with open(path, "w") as f:
+        f.write(f"== {steps} decode steps, batch {batch}, context ~{prompt_len}: "
+                f"wall {wall_ms:.2f} ms/step, executor {exec_ms:.2f} ==\n")
+        f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25))
+    result = {"batch": batch, "context": prompt_len, "wall_ms_per_step": wall_ms,
+              "executor_ms_per_step": exec_ms}
+    print("P4 batch decode:", json.dumps(result))
+    return result
+
+
 def _latency(llm, ceilings, input_len, output_len, batch, warmup, iters) -> dict:
     from pagoda.benchmarks.latency import run_latency
     res = run_latency(llm, input_len, output_len, batch, 1, warmup, iters, 0, ceilings)
@@ -211,6 +252,12 @@ def stage_p4(out: str) -> dict:
                                                 res["elapsed_time"])
     res.pop("per_request_output_tokens", None)
     print("P4:", json.dumps(res))
+    if SIZES["device"] == "cuda":  # P4's mean context is ~800 tokens at 256 sequences
+        try:
+            res["batch_decode"] = _profile_batch_decode(
+                llm, os.path.join(out, "profile_p4.txt"), 256, 768, 24)
+        except Exception:
+            traceback.print_exc()
     return res
 
 
@@ -299,6 +346,11 @@ def stage_table(out: str) -> dict:
             lines.append(_row(f"{name}h", f"{1000 * res['elapsed_time'] / steps:.2f} ms/step: "
                                           f"{1000 * res['outside_execute_s'] / steps:.2f} "
                                           "outside execute", "", ""))
+    decode = (p4 or {}).get("batch_decode")
+    if decode:
+        lines.append(_row("P4d", f"b{decode['batch']} ctx {decode['context']}: "
+                                 f"{decode['wall_ms_per_step']:.2f} ms/step wall, "
+                                 f"{decode['executor_ms_per_step']:.2f} exec", "", ""))
     for row in _load(out, "ab").get("rows", []):
         graph = (row.get("graph_gpu_ms") or {}).get("1", 0)
         lines.append(_row("AB", f"{row['decode_ms_per_step'] or 0:.2f} ms/step, "
