@@ -53,6 +53,11 @@ def _skinny(**flags) -> dict:
                      DOT_PREC="tf32", USE_PDL=True), **flags)
 
 
+ROPE_TYPES = {"pos_ptr": "*i64", "q_ptr": BF16, "k_ptr": BF16, "v_ptr": BF16,
+              "cos_sin_ptr": "*fp32", "cache_ptr": BF16, "slot_ptr": "*i64",
+              "q_norm_ptr": BF16, "k_norm_ptr": BF16, "eps": "fp32"}
+
+
 # (kernel, constexprs, argument types; unnamed arguments are i32) at Llama-3.1-8B decode shapes
 CASES = [
     (_attention_kernel, _attention(1), ATTENTION_TYPES),
@@ -70,9 +75,9 @@ CASES = [
     (_act_and_mul_kernel, dict(ACT=0, BLOCK=1024, USE_PDL=True),
      {"x_ptr": BF16, "out_ptr": BF16}),
     (_rope_write_kv_kernel, dict(QH_P2=32, KH_P2=8, DIM_P2=128, HALF_P2=64, IS_NEOX=True,
-                                 USE_PDL=True),
-     {"pos_ptr": "*i64", "q_ptr": BF16, "k_ptr": BF16, "v_ptr": BF16, "cos_sin_ptr": "*fp32",
-      "cache_ptr": BF16, "slot_ptr": "*i64"}),
+                                 QK_NORM=False, USE_PDL=True), ROPE_TYPES),
+    (_rope_write_kv_kernel, dict(QH_P2=16, KH_P2=8, DIM_P2=128, HALF_P2=64, IS_NEOX=True,
+                                 QK_NORM=True, USE_PDL=True), ROPE_TYPES),  # Qwen3-0.6B
     (_chunk_best_kernel, dict(NOISE=2, NUM_CHUNKS=16, CHUNK=8192, BLOCK=1024),
      {"logits_ptr": BF16, "q_ptr": BF16, "temp_ptr": "*fp32", "best_ptr": "*fp32",
       "idx_ptr": "*i32", "greedy_eps": "fp32"}),

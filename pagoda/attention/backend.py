@@ -43,6 +43,23 @@ class AttentionLayerSpec(Protocol):
     alibi_slopes: Optional[torch.Tensor]  # [num_heads], float32
 
 
+@dataclass
+class Rotary:
+    """What a backend applies to q and k before anything else: each head's RMSNorm on q and
+    on k where the model has them (Qwen3), then the rotary embedding at `positions`. A
+    backend may fuse all of it into its KV-cache write."""
+    rope: Any  # a RotaryEmbedding
+    positions: torch.Tensor
+    q_norm: Optional[Any] = None  # RMSNorm over head_dim (with k_norm, or neither)
+    k_norm: Optional[Any] = None
+
+    def apply(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unfused form: new q and k where there are norms, else rotated in place."""
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return self.rope(self.positions, q, k)
+
+
 class AttentionBackend(Protocol):
     name: str
 
@@ -50,9 +67,9 @@ class AttentionBackend(Protocol):
 
     def forward(self, layer: AttentionLayerSpec, q: torch.Tensor, k: torch.Tensor,
                 v: torch.Tensor, kv_cache: Optional[torch.Tensor], metadata: Any,
-                rotary: Optional[tuple] = None) -> torch.Tensor:
-        """q [T, H, D], k/v [T, Hkv, D]. rotary: (RotaryEmbedding, positions) to apply to q
-        and k before anything else (a backend may fuse it with the KV-cache write)."""
+                rotary: Optional[Rotary] = None) -> torch.Tensor:
+        """q [T, H, D], k/v [T, Hkv, D]. rotary: applied to q and k before anything else (a
+        backend may fuse it with the KV-cache write)."""
 
 
 _BACKENDS = {

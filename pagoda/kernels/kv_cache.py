@@ -6,17 +6,21 @@ batches are padded) and is skipped, so the padded tail never touches a real bloc
 
 `rope_and_write_kv` also applies the rotary embedding: q is rotated in place and k is rotated
 on its way into the cache (one launch per layer instead of two; the attention kernel reads
-every key from the cache). The arithmetic and roundings are the rotary kernel's.
+every key from the cache). The arithmetic and roundings are the rotary kernel's. For models
+with a per-head RMSNorm on q and k before the rotation (Qwen3) it applies those too, which
+saves two norm kernels and two copies a layer.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from pagoda.kernels.pdl import launch_args, wait_then_release
-from pagoda.kernels.rotary import _rotate_heads
+from pagoda.kernels.rotary import _head_rms_norm, _rotate_heads
 
 
 @triton.jit
@@ -63,9 +67,11 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
 
 
 @triton.jit
-def _rotated_k(k_base, cos_sin_base, d, mask, half, IS_NEOX: tl.constexpr):
+def _rotated_k(k_base, cos_sin_base, d, mask, half, head_dim, norm_ptr, eps,
+               IS_NEOX: tl.constexpr, NORM: tl.constexpr):
     """One token's k heads [HEADS, DIM] with the first 2 * half channels rotated: each
-    channel pairs with its partner (d +- half, or d ^ 1 interleaved) as in _rotate_heads."""
+    channel pairs with its partner (d +- half, or d ^ 1 interleaved) as in _rotate_heads.
+    With NORM, each head is RMS-normalised first (weight at norm_ptr)."""
     rot = d < 2 * half
     if IS_NEOX:
         first = d < half
@@ -79,6 +85,10 @@ def _rotated_k(k_base, cos_sin_base, d, mask, half, IS_NEOX: tl.constexpr):
     c = tl.where(rot, c, 0)
     x = tl.load(k_base + d, mask=mask, other=0.0).to(tl.float32)
     xp = tl.load(k_base + partner, mask=mask, other=0.0).to(tl.float32)
+    if NORM:
+        inv_rms = tl.math.rsqrt(tl.sum(x * x, 1) / head_dim + eps)[:, None]
+        x, xp = _head_rms_norm(x, xp, inv_rms, norm_ptr, d, partner, d < head_dim,
+                               k_base.dtype.element_ty)
     cos = tl.load(cos_sin_base + c, mask=rot, other=0.0).to(tl.float32)
     sin = tl.load(cos_sin_base + half + c, mask=rot, other=0.0).to(tl.float32)
     rotated = tl.where(first, x * cos - xp * sin, x * cos + xp * sin)
@@ -87,12 +97,12 @@ def _rotated_k(k_base, cos_sin_base, d, mask, half, IS_NEOX: tl.constexpr):
 
 @triton.jit
 def _rope_write_kv_kernel(
-    pos_ptr, q_ptr, k_ptr, v_ptr, cos_sin_ptr, cache_ptr, slot_ptr,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs,
+    pos_ptr, q_ptr, k_ptr, v_ptr, cos_sin_ptr, cache_ptr, slot_ptr, q_norm_ptr, k_norm_ptr,
+    eps, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs,
     stride_c_kv, stride_c_blk, stride_c_slot, stride_c_head,
     block_size, num_q_heads, num_kv_heads, head_dim, half,
     QH_P2: tl.constexpr, KH_P2: tl.constexpr, DIM_P2: tl.constexpr, HALF_P2: tl.constexpr,
-    IS_NEOX: tl.constexpr, USE_PDL: tl.constexpr,
+    IS_NEOX: tl.constexpr, QK_NORM: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     wait_then_release(USE_PDL)
     tok = tl.program_id(0).to(tl.int64)
@@ -102,7 +112,7 @@ def _rope_write_kv_kernel(
     cos = tl.load(cos_sin_base + i, mask=i < half, other=0.0).to(tl.float32)
     sin = tl.load(cos_sin_base + half + i, mask=i < half, other=0.0).to(tl.float32)
     _rotate_heads(q_ptr, stride_qt, stride_qh, tok, num_q_heads, cos, sin, half,
-                  QH_P2, HALF_P2, IS_NEOX)
+                  QH_P2, HALF_P2, IS_NEOX, q_norm_ptr, eps, QK_NORM)
     slot = tl.load(slot_ptr + tok)
     if slot < 0:  # padding token: q is rotated (harmless), nothing is written
         return
@@ -110,7 +120,8 @@ def _rope_write_kv_kernel(
     d = tl.arange(0, DIM_P2)[None, :]
     mask = (h < num_kv_heads) & (d < head_dim)
     k_base = k_ptr + tok * stride_kt + h * stride_kh
-    k = _rotated_k(k_base, cos_sin_base, d, mask, half, IS_NEOX)
+    k = _rotated_k(k_base, cos_sin_base, d, mask, half, head_dim, k_norm_ptr, eps, IS_NEOX,
+                   QK_NORM)
     v = tl.load(v_ptr + tok * stride_vt + h * stride_vh + d, mask=mask)
     dst = cache_ptr + (slot // block_size) * stride_c_blk + (slot % block_size) * stride_c_slot \
         + h * stride_c_head + d
@@ -121,22 +132,28 @@ def _rope_write_kv_kernel(
 
 def rope_and_write_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                       v: torch.Tensor, cos_sin_cache: torch.Tensor, is_neox: bool,
-                      kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+                      kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                      qk_norm: Optional[tuple[torch.Tensor, torch.Tensor, float]] = None
+                      ) -> None:
     """q [T, H, D] rotated in place; k rotated into the cache with v; k itself is left as
-    it was. positions int [T]; cos_sin_cache [max_pos, rot_dim] as the rotary kernel's."""
+    it was. positions int [T]; cos_sin_cache [max_pos, rot_dim] as the rotary kernel's.
+    qk_norm: (q weight [D], k weight [D], eps) of per-head RMSNorms applied first (the
+    weight times the normalised head); needs full rotary (rot_dim == D)."""
     num_tokens, num_kv_heads, head_dim = k.shape
     if num_tokens == 0:
         return
     assert q.stride(2) == 1 and k.stride(2) == 1 and v.stride(2) == 1
     assert kv_cache.stride(4) == 1 and cos_sin_cache.stride(-1) == 1
     half = cos_sin_cache.shape[-1] // 2
+    q_weight, k_weight, eps = qk_norm if qk_norm is not None else (q, k, 0.0)
+    assert qk_norm is None or 2 * half == head_dim, "fused q/k norms need full rotary"
     _rope_write_kv_kernel[(num_tokens,)](
-        positions, q, k, v, cos_sin_cache, kv_cache, slot_mapping,
+        positions, q, k, v, cos_sin_cache, kv_cache, slot_mapping, q_weight, k_weight, eps,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         cos_sin_cache.stride(0),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         kv_cache.shape[2], q.shape[1], num_kv_heads, head_dim, half,
         QH_P2=triton.next_power_of_2(q.shape[1]), KH_P2=triton.next_power_of_2(num_kv_heads),
         DIM_P2=triton.next_power_of_2(head_dim), HALF_P2=triton.next_power_of_2(half),
-        IS_NEOX=is_neox, **launch_args(q.device),
+        IS_NEOX=is_neox, QK_NORM=qk_norm is not None, **launch_args(q.device),
     )

@@ -17,8 +17,22 @@ import triton.language as tl
 
 
 @triton.jit
+def _head_rms_norm(x, xp, inv_rms, w_ptr, offs, partner_offs, mask, ty):
+    """Qwen3's per-head RMSNorm of a channel and its rotation partner, rounded as the
+    unfused RMSNorm rounds (normalised to the dtype, then times the weight)."""
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    wp = tl.load(w_ptr + partner_offs, mask=mask, other=0.0).to(tl.float32)
+    x = ((x * inv_rms).to(ty).to(tl.float32) * w).to(ty).to(tl.float32)
+    xp = ((xp * inv_rms).to(ty).to(tl.float32) * wp).to(ty).to(tl.float32)
+    return x, xp
+
+
+@triton.jit
 def _rotate_heads(ptr, stride_t, stride_h, tok, num_heads, cos, sin, half,
-                  HEADS_P2: tl.constexpr, HALF_P2: tl.constexpr, IS_NEOX: tl.constexpr):
+                  HEADS_P2: tl.constexpr, HALF_P2: tl.constexpr, IS_NEOX: tl.constexpr,
+                  norm_ptr=None, eps=0.0, NORM: tl.constexpr = False):
+    """Rotates each head in place; with NORM, each head is first RMS-normalised with the
+    weight at norm_ptr (full rotary only: the two halves are then the whole head)."""
     h = tl.arange(0, HEADS_P2)[:, None]
     i = tl.arange(0, HALF_P2)[None, :]
     mask = (h < num_heads) & (i < half)
@@ -32,6 +46,9 @@ def _rotate_heads(ptr, stride_t, stride_h, tok, num_heads, cos, sin, half,
     x1 = tl.load(base + off1, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(base + off2, mask=mask, other=0.0).to(tl.float32)
     ty = ptr.dtype.element_ty
+    if NORM:
+        inv_rms = tl.math.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * half) + eps)
+        x1, x2 = _head_rms_norm(x1, x2, inv_rms[:, None], norm_ptr, off1, off2, i < half, ty)
     tl.store(base + off1, (x1 * cos - x2 * sin).to(ty), mask=mask)
     tl.store(base + off2, (x2 * cos + x1 * sin).to(ty), mask=mask)
 

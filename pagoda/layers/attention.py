@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from pagoda.attention.backend import Rotary
 from pagoda.forward_context import get_forward_context
 
 
@@ -28,15 +29,21 @@ class Attention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 rope: Optional[nn.Module] = None,
-                positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+                positions: Optional[torch.Tensor] = None,
+                qk_norm: Optional[tuple[nn.Module, nn.Module]] = None) -> torch.Tensor:
         """q: [T, H*D], k/v: [T, Hkv*D] -> [T, H*D]. rope (a RotaryEmbedding) rotates q and k
-        at `positions` first; the backend may fuse that into its KV-cache write."""
+        at `positions` first, after the per-head norms qk_norm (q's, k's) where given; the
+        backend may fuse all of that into its KV-cache write."""
         ctx = get_forward_context()
         num_tokens = q.shape[0]
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         kv_cache = ctx.kv_caches[self.layer_idx] if ctx.kv_caches is not None else None
-        rotary = (rope, positions) if rope is not None else None
+        rotary = None
+        if rope is not None:
+            rotary = Rotary(rope, positions, *(qk_norm or (None, None)))
+        elif qk_norm is not None:
+            raise ValueError("q/k norms are applied with the rotary embedding: pass rope")
         out = ctx.backend.forward(self, q, k, v, kv_cache, ctx.attn_metadata, rotary)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)

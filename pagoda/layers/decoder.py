@@ -78,13 +78,8 @@ class RotarySelfAttention(nn.Module):
     def attend(self, positions: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
         """The projected q/k/v -> the attention output, before o_proj."""
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        if self.q_norm is not None:
-            q = self.q_norm(q.reshape(-1, self.num_heads, self.head_dim))
-            k = self.k_norm(k.reshape(-1, self.num_kv_heads, self.head_dim))
-        q = q.reshape(-1, self.num_heads, self.head_dim)
-        k = k.reshape(-1, self.num_kv_heads, self.head_dim)
-        return self.attn(q.reshape(-1, self.q_size), k.reshape(-1, self.kv_size), v,
-                         self.rotary_emb, positions)
+        qk_norm = (self.q_norm, self.k_norm) if self.q_norm is not None else None
+        return self.attn(q, k, v, self.rotary_emb, positions, qk_norm)
 
 
 class GatedMLP(nn.Module):

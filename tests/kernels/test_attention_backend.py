@@ -10,7 +10,7 @@ from typing import Optional
 import pytest
 import torch
 
-from pagoda.attention.backend import CommonAttentionMetadata, get_attention_backend
+from pagoda.attention.backend import CommonAttentionMetadata, Rotary, get_attention_backend
 from pagoda.attention.backends.torch_ref import TorchRefBackend
 from pagoda.attention.backends.triton import TritonBackend
 
@@ -61,7 +61,7 @@ def make_batch(seqs, block_size, num_blocks, pad_tokens=0, pad_reqs=0):
 
 
 def run_both(layer, seqs, block_size=16, splits=None, pad_tokens=0, pad_reqs=0,
-             with_cache=True, tile_n=16, rope=None):
+             with_cache=True, tile_n=16, rope=None, qk_norm=None):
     h, hkv, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
     num_blocks = sum(-(-(c + n) // block_size) for c, n in seqs) + 3
     meta = make_batch(seqs, block_size, num_blocks, pad_tokens, pad_reqs)
@@ -84,7 +84,7 @@ def run_both(layer, seqs, block_size=16, splits=None, pad_tokens=0, pad_reqs=0,
     if rope is not None:  # each token at its place after its sequence's context
         positions = torch.cat([torch.arange(c, c + n) for c, n in seqs]
                               + [torch.zeros(pad_tokens, dtype=torch.int64)])
-        rotary = (rope, positions)
+        rotary = Rotary(rope, positions, *(qk_norm or (None, None)))
     out_ref = ref.forward(layer, q, k, v, cache_ref, ref.build_metadata(meta), rotary)
     # The Triton backend rotates q in place when it fuses the rotation into the KV write.
     out_tri = tri.forward(layer, q.clone(), k.clone(), v, cache_tri, tri.build_metadata(meta),
@@ -92,7 +92,9 @@ def run_both(layer, seqs, block_size=16, splits=None, pad_tokens=0, pad_reqs=0,
     n = meta.num_actual_tokens
     torch.testing.assert_close(out_tri[:n], out_ref[:n], atol=2e-5, rtol=2e-5)
     if with_cache:
-        torch.testing.assert_close(cache_tri, cache_ref, atol=0, rtol=0, equal_nan=True)
+        # the fused q/k norms sum their squares in another order: fp32 rounding apart
+        tol = 0 if qk_norm is None else 1e-5
+        torch.testing.assert_close(cache_tri, cache_ref, atol=tol, rtol=tol, equal_nan=True)
 
 
 MIX = [(0, 7), (5, 1), (19, 3), (0, 1), (33, 1)]  # prefill, decode, chunk with context...
@@ -170,6 +172,23 @@ def test_rotary_fused_into_kv_write(neox, rotary_dim):
     run_both(make_layer(4, 2, 32), MIX, rope=rope)  # prefill, chunks, decode: cache equal
     run_both(make_layer(4, 2, 32), [(10, 1), (30, 1)], pad_tokens=3, pad_reqs=1, rope=rope)
     run_both(make_layer(4, 2, 32), [(0, 9), (0, 3)], with_cache=False, rope=rope)
+
+
+def test_qk_norm_fused_into_kv_write():
+    """Qwen3's per-head q/k norms: fused into the KV write with the rotation (decode, chunks,
+    padding), and applied unfused where the Triton backend cannot fuse them (no cache)."""
+    from types import SimpleNamespace
+    from pagoda.layers.layernorm import RMSNorm
+    from pagoda.layers.rotary import RotaryEmbedding
+    rope = RotaryEmbedding(SimpleNamespace(rope_theta=10000.0), 32, 32, 64, True)
+    norms = (RMSNorm(32, 1e-6), RMSNorm(32, 1e-6))
+    for norm in norms:
+        norm.weight.copy_(torch.rand(32) + 0.5)
+    run_both(make_layer(4, 2, 32), MIX, rope=rope, qk_norm=norms)
+    run_both(make_layer(4, 2, 32), [(10, 1), (30, 1)], pad_tokens=3, pad_reqs=1, rope=rope,
+             qk_norm=norms)
+    run_both(make_layer(4, 2, 32), [(0, 9), (0, 3)], with_cache=False, rope=rope,
+             qk_norm=norms)
 
 
 def test_profiling_run_without_cache():

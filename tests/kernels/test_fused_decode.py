@@ -69,6 +69,32 @@ def test_families_through_the_fused_path(checkpoints, count_fused, family):
     assert count_fused
 
 
+def test_qwen3_through_the_triton_backend(tmp_path, count_fused, monkeypatch):
+    """Qwen3 with every decode kernel of the GPU path under the interpreter: the fused
+    layer, the Triton attention backend, and its KV write applying the per-head q/k norms
+    with the rotation."""
+    from transformers import AutoModelForCausalLM
+    from pagoda.kernels import kv_cache
+    from tests.models.test_llama_family import FAMILIES
+    monkeypatch.setenv("PAGODA_ATTENTION_BACKEND", "triton")
+    normed_writes = []
+
+    def counting(*args):
+        normed_writes.append(args[-1] is not None)
+        return kv_cache.rope_and_write_kv(*args)
+
+    monkeypatch.setattr("pagoda.attention.backends.triton.rope_and_write_kv", counting)
+    make_model(str(tmp_path), FAMILIES["qwen3"]())
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32)
+    prompts = [[5, 9, 2], [7] * 30, [11, 3, 8, 250, 17]]
+    refs = [hf_greedy(hf, p, MAX_NEW) for p in prompts]
+    llm = LLM(str(tmp_path), dtype="float32", seed=0, enforce_eager=True)
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, logprobs=3, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    check_run(llm, refs, outputs, "qwen3/triton", "fused")
+    assert count_fused and normed_writes and all(normed_writes)
+
+
 def test_only_plain_layers_fuse():
     from pagoda.models.gemma import GemmaForCausalLM  # RMSNorm with the 1 + weight offset
     from transformers import GemmaConfig

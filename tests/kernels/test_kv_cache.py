@@ -49,3 +49,30 @@ def test_rope_and_write_matches_rotary_then_write(neox, rot_dim):
     rope_and_write_kv(positions, got_q, k_in, v, cos_sin, neox, cache, slots)
     assert torch.equal(got_q, want_q) and torch.equal(cache, want_cache)
     assert torch.equal(k_in, k)  # k itself is not rotated: the cache holds the rotated keys
+
+
+@pytest.mark.parametrize("neox", [True, False])
+def test_rope_and_write_with_qk_norm(neox):
+    """Qwen3's per-head q/k RMSNorms applied in the same kernel: as the norm module, then
+    the rotary kernel, then the cache write."""
+    from pagoda.kernels.kv_cache import rope_and_write_kv
+    from pagoda.kernels.rotary import apply_rotary
+    from pagoda.layers.layernorm import RMSNorm
+    t, h, hkv, d = 5, 4, 2, 32
+    qkv = torch.randn(t, (h + 2 * hkv) * d) * 3  # strided views, as out of the projection
+    q, k, v = (x.view(t, -1, d) for x in qkv.split([h * d, hkv * d, hkv * d], dim=-1))
+    q_norm, k_norm = RMSNorm(d, 1e-6), RMSNorm(d, 1e-6)
+    q_norm.weight.copy_(torch.rand(d) + 0.5)
+    k_norm.weight.copy_(torch.rand(d) + 0.5)
+    positions, cos_sin = torch.tensor([0, 3, 7, 1, 20]), torch.randn(64, d)
+    slots = torch.tensor([0, 5, -1, 9, 23])
+    want_cache, cache = torch.zeros(2, 6, 4, hkv, d), torch.zeros(2, 6, 4, hkv, d)
+    want_q, want_k = q_norm(q.contiguous()), k_norm(k.contiguous())
+    apply_rotary(positions, want_q, want_k, cos_sin, neox)
+    write_kv_cache(want_k, v, want_cache, slots)
+    k_before = k.clone()
+    rope_and_write_kv(positions, q, k, v, cos_sin, neox, cache, slots,
+                      (q_norm.weight, k_norm.weight, 1e-6))
+    torch.testing.assert_close(q, want_q, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cache, want_cache, atol=1e-5, rtol=1e-5)
+    assert torch.equal(k, k_before)

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from pagoda.attention.backend import AttentionLayerSpec, CommonAttentionMetadata
+from pagoda.attention.backend import AttentionLayerSpec, CommonAttentionMetadata, Rotary
 
 
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
@@ -90,10 +90,9 @@ class TorchRefBackend:
     def forward(self, layer: AttentionLayerSpec, q: torch.Tensor, k: torch.Tensor,
                 v: torch.Tensor, kv_cache: Optional[torch.Tensor],
                 metadata: CommonAttentionMetadata,
-                rotary: Optional[tuple] = None) -> torch.Tensor:
+                rotary: Optional[Rotary] = None) -> torch.Tensor:
         if rotary is not None:
-            rope, positions = rotary
-            q, k = rope(positions, q, k)
+            q, k = rotary.apply(q, k)
         num_tokens = metadata.num_actual_tokens
         q, k, v = q[:num_tokens], k[:num_tokens], v[:num_tokens]
         if kv_cache is not None:

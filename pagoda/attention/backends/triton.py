@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from pagoda.attention.backend import AttentionLayerSpec, CommonAttentionMetadata
+from pagoda.attention.backend import AttentionLayerSpec, CommonAttentionMetadata, Rotary
 from pagoda.kernels.kv_cache import rope_and_write_kv, write_kv_cache
 from pagoda.kernels.paged_attention import paged_attention
 
@@ -68,12 +68,11 @@ class TritonBackend:
     def forward(self, layer: AttentionLayerSpec, q: torch.Tensor, k: torch.Tensor,
                 v: torch.Tensor, kv_cache: Optional[torch.Tensor],
                 metadata: TritonAttentionMetadata,
-                rotary: Optional[tuple] = None) -> torch.Tensor:
+                rotary: Optional[Rotary] = None) -> torch.Tensor:
         common = metadata.common
-        fuse_rotary = rotary is not None and kv_cache is not None
+        fuse_rotary = rotary is not None and kv_cache is not None and _fusable(rotary, q)
         if rotary is not None and not fuse_rotary:
-            rope, positions = rotary
-            q, k = rope(positions, q, k)
+            q, k = rotary.apply(q, k)
         out = torch.empty_like(q)
         if q.shape[0] == 0 or common.num_reqs == 0:
             return out
@@ -86,9 +85,10 @@ class TritonBackend:
             # (possibly CUDA-graph padded) batch is passed without slicing on the host.
             n = min(k.shape[0], common.slot_mapping.shape[0])
             if fuse_rotary:  # q rotated in place, k rotated on its way into the cache
-                rope, positions = rotary
-                rope_and_write_kv(positions[:n], q[:n], k[:n], v[:n], rope.cos_sin_cache,
-                                  rope.is_neox_style, kv_cache, common.slot_mapping[:n])
+                rope = rotary.rope
+                rope_and_write_kv(rotary.positions[:n], q[:n], k[:n], v[:n],
+                                  rope.cos_sin_cache, rope.is_neox_style, kv_cache,
+                                  common.slot_mapping[:n], _qk_norm_weights(rotary))
             else:
                 write_kv_cache(k[:n], v[:n], kv_cache, common.slot_mapping[:n])
             key, value, block_table = kv_cache[0], kv_cache[1], common.block_table
@@ -102,3 +102,20 @@ class TritonBackend:
             alibi_slopes=layer.alibi_slopes, num_splits=splits, tile_n=self.tile_n,
         )
         return out
+
+
+def _fusable(rotary: Rotary, q: torch.Tensor) -> bool:
+    """Whether the KV-cache write can apply `rotary`: always without q/k norms; with them,
+    for plain RMSNorms (no weight offset) under full rotary."""
+    if rotary.q_norm is None:
+        return True
+    from pagoda.layers.layernorm import RMSNorm
+    return (all(type(norm) is RMSNorm and norm.offset == 0.0
+                for norm in (rotary.q_norm, rotary.k_norm))
+            and rotary.rope.cos_sin_cache.shape[-1] == q.shape[-1])
+
+
+def _qk_norm_weights(rotary: Rotary) -> Optional[tuple[torch.Tensor, torch.Tensor, float]]:
+    if rotary.q_norm is None:
+        return None
+    return rotary.q_norm.weight, rotary.k_norm.weight, rotary.q_norm.eps
