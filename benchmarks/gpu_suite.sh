@@ -77,7 +77,7 @@ all_tests() {
 }
 benchmarks() {
   [ "${SKIP_BENCHMARKS:-0}" = "1" ] && return  # a tests-only call (one GPU: see docs)
-  declare -A LIMIT=([ceilings]=30 [llama]=${LLAMA_TIMEOUT:-180} [p4]=${P4_TIMEOUT:-60}
+  declare -A LIMIT=([ceilings]=30 [llama]=${LLAMA_TIMEOUT:-180} [p4]=${P4_TIMEOUT:-120}
                     [hf]=${HF_TIMEOUT:-60} [p5]=${P5_TIMEOUT:-330})
   # p5 (serving, ~4-5 minutes) is not in the default set: one device call cannot hold it
   # with the rest. Run it alone: SKIP_TESTS=1 STAGES="p5".
