@@ -107,8 +107,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def profile_run(self, num_tokens: int) -> None:
-        """A forward at the largest step size with no KV cache, then logits and sampling
-        noise for the largest batch of sequences, to measure peak memory."""
+        """A forward at the largest step size with no KV cache, then logits (in the model's
+        dtype and in fp32) and sampling noise for the largest batch of sequences, to measure
+        peak memory."""
         lens = [min(self.max_model_len, num_tokens - i)
                 for i in range(0, num_tokens, self.max_model_len)]
         starts = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
@@ -124,7 +125,9 @@ class ModelRunner:
             hidden = self.model(ids, positions)
         rows = min(num_tokens, self.config.scheduler_config.max_num_seqs)
         logits = self.model.compute_logits(hidden[:rows])
-        torch.empty_like(logits).exponential_()
+        # the sampler's worst case: fp32 logits (top-k/top-p, logprobs) and fp32 noise
+        logits_fp32 = logits.float()
+        torch.empty_like(logits_fp32).exponential_()
 
     @torch.inference_mode()
     def capture_cudagraphs(self) -> None:
@@ -291,8 +294,8 @@ class ModelRunner:
         result = {}
         for i, start, count, first_pos in step.prompt_lp_spans:
             state = self.batch.states[step.req_ids[i]]
-            logprobs = torch.log_softmax(self.model.compute_logits(hidden[start:start + count]),
-                                         dim=-1)
+            logits = self.model.compute_logits(hidden[start:start + count]).float()
+            logprobs = torch.log_softmax(logits, dim=-1)
             tokens = self.batch.tokens(state)[first_pos + 1:first_pos + 1 + count]
             targets = torch.from_numpy(tokens.astype(np.int64)).to(logprobs.device)
             ids, lps, ranks = gather_logprobs(logprobs, targets, state.params.prompt_logprobs)

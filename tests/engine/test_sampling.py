@@ -196,3 +196,34 @@ def test_truncate_prompt_tokens_keeps_the_tail(tiny_llm):
         SamplingParams(truncate_prompt_tokens=0)
     with pytest.raises(ValueError, match="bad_words"):
         SamplingParams(bad_words=["  "])
+
+
+def test_half_precision_logits_reach_every_sampling_path(tiny_llama_path):
+    """In bf16 the LM head's logits stay bf16 (no fp32 copy a step); the sampler converts
+    what it needs. Greedy equals the argmax of the fp32 logits, and every path (greedy,
+    plain temperature, seeded, top-k/top-p, logprobs, prompt logprobs) runs."""
+    import torch
+    from pagoda import LLM
+    llm = LLM(tiny_llama_path, dtype="bfloat16", seed=0)
+    runner = llm.engine.core.executor.worker.runner
+    hidden = torch.randn(3, runner.model.config.hidden_size, dtype=torch.bfloat16)
+    logits = runner.model.compute_logits(hidden)
+    assert logits.dtype == torch.bfloat16
+    greedy = runner.sampler(logits, _greedy_metadata(3)).sampled
+    assert torch.equal(greedy, logits.float().argmax(-1))
+    for kwargs in (dict(temperature=0), dict(temperature=0.8), dict(temperature=0.8, seed=3),
+                   dict(temperature=0.8, top_k=5, top_p=0.9), dict(logprobs=2),
+                   dict(prompt_logprobs=1)):
+        out = llm.generate(PROMPT, SamplingParams(max_tokens=6, ignore_eos=True, **kwargs),
+                           use_tqdm=False)[0]
+        assert len(out.outputs[0].token_ids) == 6, kwargs
+        for step in out.outputs[0].logprobs or []:
+            assert all(math.isfinite(lp.logprob) for lp in step.values())
+        assert all(math.isfinite(lp.logprob) for step in (out.prompt_logprobs or [])[1:]
+                   for lp in step.values())
+
+
+def _greedy_metadata(rows: int):
+    import torch
+    from pagoda.layers.sampler import SamplingMetadata
+    return SamplingMetadata(temperature=torch.zeros(rows), all_greedy=True)
