@@ -206,12 +206,60 @@ def _gumbel_max(base, q_row, V, inv_temp, m, cut, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _exp_noise(q_ptr, stride_q, seed, row, cols, cmask, V, NOISE: tl.constexpr):
-    """Exp(1) noise of one row's columns: the caller's (NOISE=1), or -log(u) with u from
-    Philox (NOISE=2; u = 0 gives inf, and that token never wins)."""
-    if NOISE == 1:
-        return tl.load(q_ptr + row * stride_q + cols, mask=cmask, other=1.0)
-    return -tl.log(tl.rand(seed, row * V + cols))
+def _keep_better(score, cols, best, best_idx):
+    take = score > best
+    return tl.where(take, score, best), tl.where(take, cols, best_idx)
+
+
+@triton.jit
+def _chunk_best_read(logits_row, q_row, lo, V, inv_temp, USE_Q: tl.constexpr,
+                     CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """(best score, first index) over columns [lo, lo + CHUNK): the raw logit, or with
+    USE_Q logit * inv_temp - log(q) for the caller's Exp(1) noise q."""
+    best = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_idx = tl.zeros([BLOCK], tl.int32)
+    for start in range(lo, lo + CHUNK, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        cmask = cols < V
+        score = tl.load(logits_row + cols, mask=cmask, other=float("-inf")).to(tl.float32)
+        if USE_Q:
+            q = tl.load(q_row + cols, mask=cmask, other=1.0)
+            score = score * inv_temp - tl.log(q)
+        best, best_idx = _keep_better(score, cols, best, best_idx)
+    return tl.max(best, 0), _lane_argmax(best, best_idx, V)
+
+
+@triton.jit
+def _gumbel_quarter(logits_row, cols, u, V, inv_temp, best, best_idx):
+    """One quarter block of the Philox race: logit * inv_temp - log(-log(u)) (u = 0 gives
+    -inf: that token never wins)."""
+    x = tl.load(logits_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+    return _keep_better(x * inv_temp - tl.log(-tl.log(u)), cols, best, best_idx)
+
+
+@triton.jit
+def _chunk_best_philox(logits_row, seed, row, lo, V, inv_temp, CHUNK: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """As _chunk_best_read with the noise drawn here, four uniforms per Philox call: a block
+    of 4 x QUARTER columns takes the four outputs of QUARTER counters, a quarter each. (One
+    call per column, three of its four outputs unused, made this kernel compute-bound: 200 us
+    a step for 256 x 152k logits on an H200.) Counter: the row above bit 32, the column / 4
+    below, so no two (row, column) pairs share a draw."""
+    QUARTER: tl.constexpr = BLOCK // 4
+    best = tl.full([QUARTER], float("-inf"), tl.float32)
+    best_idx = tl.zeros([QUARTER], tl.int32)
+    lanes = tl.arange(0, QUARTER)
+    for start in range(lo, lo + CHUNK, BLOCK):
+        u0, u1, u2, u3 = tl.rand4x(seed, (row << 32) + start // 4 + lanes)
+        cols = start + lanes
+        best, best_idx = _gumbel_quarter(logits_row, cols, u0, V, inv_temp, best, best_idx)
+        cols += QUARTER
+        best, best_idx = _gumbel_quarter(logits_row, cols, u1, V, inv_temp, best, best_idx)
+        cols += QUARTER
+        best, best_idx = _gumbel_quarter(logits_row, cols, u2, V, inv_temp, best, best_idx)
+        cols += QUARTER
+        best, best_idx = _gumbel_quarter(logits_row, cols, u3, V, inv_temp, best, best_idx)
+    return tl.max(best, 0), _lane_argmax(best, best_idx, V)
 
 
 @triton.jit
@@ -220,31 +268,25 @@ def _chunk_best_kernel(logits_ptr, q_ptr, temp_ptr, best_ptr, idx_ptr, V, stride
                        CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     """Best (score, first index) of one vocabulary chunk of one row: the raw logit for greedy
     rows, logit / temperature - log(q) otherwise (Gumbel-max without the row max, which
-    does not move the argmax). q, Exp(1) noise, is read from q_ptr (NOISE=1) or drawn here as
-    -log(u) from Philox (NOISE=2; counter row * V + column), which saves writing and reading a
-    [rows, vocab] noise tensor and the kernels that fill it."""
+    does not move the argmax). q, Exp(1) noise, is read from q_ptr (NOISE=1) or drawn here
+    from Philox (NOISE=2), which saves writing and reading a [rows, vocab] noise tensor and
+    the kernels that fill it."""
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
+    logits_row = logits_ptr + row * stride_l
     temp = tl.load(temp_ptr + row).to(tl.float32)
     greedy = temp < greedy_eps
     inv_temp = 1.0 / tl.where(greedy, 1.0, temp)
-    best = tl.full([BLOCK], float("-inf"), tl.float32)
-    best_idx = tl.zeros([BLOCK], tl.int32)
-    for start in range(chunk * CHUNK, chunk * CHUNK + CHUNK, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        cmask = cols < V
-        score = tl.load(logits_ptr + row * stride_l + cols, mask=cmask,
-                        other=float("-inf")).to(tl.float32)
-        if NOISE != 0:
-            if not greedy:
-                q = _exp_noise(q_ptr, stride_q, seed, row, cols, cmask, V, NOISE)
-                score = score * inv_temp - tl.log(q)
-        take = score > best
-        best_idx = tl.where(take, cols, best_idx)
-        best = tl.where(take, score, best)
-    m = tl.max(best, 0)
+    lo = chunk * CHUNK
+    if NOISE == 0 or greedy:
+        m, idx = _chunk_best_read(logits_row, q_ptr, lo, V, 1.0, False, CHUNK, BLOCK)
+    elif NOISE == 1:
+        m, idx = _chunk_best_read(logits_row, q_ptr + row * stride_q, lo, V, inv_temp, True,
+                                  CHUNK, BLOCK)
+    else:
+        m, idx = _chunk_best_philox(logits_row, seed, row, lo, V, inv_temp, CHUNK, BLOCK)
     tl.store(best_ptr + row * NUM_CHUNKS + chunk, m)
-    tl.store(idx_ptr + row * NUM_CHUNKS + chunk, tl.min(tl.where(best == m, best_idx, V), 0))
+    tl.store(idx_ptr + row * NUM_CHUNKS + chunk, idx)
 
 
 @triton.jit
@@ -259,18 +301,22 @@ def _pick_chunk_kernel(best_ptr, idx_ptr, out_ptr, NUM_CHUNKS: tl.constexpr,
 
 
 def sample_plain(logits: torch.Tensor, temperature: torch.Tensor,
-                 q: Optional[torch.Tensor], chunk: int = 8192,
+                 q: Optional[torch.Tensor], chunk: Optional[int] = None,
                  seed: Optional[int] = None) -> torch.Tensor:
     """Greedy or plain temperature sampling (no top-k, top-p or min-p in the batch): the
     vocabulary is split over programs, so a few rows still fill the GPU (one program per row
     walked 128k logits in ~55 us at batch 1). logits: any float dtype (read as fp32). Noise
     for the sampling rows: q [rows, vocab] Exp(1), or, with q None and a seed, drawn in the
-    kernel; q and seed both None: every row is greedy (temperature 0)."""
+    kernel; q and seed both None: every row is greedy (temperature 0). chunk: columns a
+    program walks (a power of 2, at least 4); by default about 1024 programs in all."""
     num_rows, vocab = logits.shape
     assert logits.stride(-1) == 1 and (q is None or q.stride(-1) == 1)
     out = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
     if num_rows == 0:
         return out
+    if chunk is None:  # 1024..8192 columns: at batch 1, 128k logits make 126 programs
+        chunk = min(8192, max(1024, triton.next_power_of_2(triton.cdiv(num_rows * vocab,
+                                                                       1024))))
     chunk = min(chunk, triton.next_power_of_2(vocab))
     num_chunks = triton.cdiv(vocab, chunk)
     best = torch.empty(num_rows, num_chunks, dtype=torch.float32, device=logits.device)

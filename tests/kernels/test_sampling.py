@@ -125,3 +125,19 @@ def test_plain_sampling_with_noise_drawn_in_the_kernel():
     torch.testing.assert_close(freq, torch.softmax(logits[0] / 0.8, -1), atol=0.09, rtol=0)
     assert torch.equal(sample_plain(logits, temp, None, seed=1234), got)
     assert not torch.equal(sample_plain(logits, temp, None, seed=1235), got)
+
+
+def test_philox_noise_covers_every_column_of_ragged_chunks():
+    """Four draws per Philox call, a quarter block each: over several chunks and a ragged
+    tail, equal logits still give every column its own draw (uniform frequencies), and
+    unequal logits follow the softmax."""
+    from pagoda.kernels.sampling import sample_plain
+    n, v = 256, 24  # chunks of 16: one whole, one ragged
+    temp = torch.ones(n)
+    got = sample_plain(torch.zeros(n, v), temp, None, chunk=16, seed=5)
+    freq = torch.bincount(got, minlength=v).float() / n
+    torch.testing.assert_close(freq, torch.full((v,), 1 / v), atol=0.05, rtol=0)
+    logits = torch.linspace(1.0, -1.0, v).repeat(n, 1)
+    freq = torch.bincount(sample_plain(logits, temp, None, chunk=16, seed=6),
+                          minlength=v).float() / n
+    torch.testing.assert_close(freq, torch.softmax(logits[0], -1), atol=0.05, rtol=0)
