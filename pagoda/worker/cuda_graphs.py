@@ -284,4 +284,8 @@ def _copy_slot0(kv_all: torch.Tensor, src: np.ndarray, dst: np.ndarray,
     if device.type == "cuda":
         src_t = src_t.pin_memory().to(device, non_blocking=True)
         dst_t = dst_t.pin_memory().to(device, non_blocking=True)
-    kv_all[:, :, dst_t, 0] = kv_all[:, :, src_t, 0]
+    # index_select + index_copy_ on the slot-0 view. The advanced-indexing form
+    # (kv_all[:, :, dst, 0] = kv_all[:, :, src, 0], two index tensors) averaged 85 us a
+    # gather and 57 us an index_put in the H200's batch-256 profile, for ~2 MB of KV.
+    slot0 = kv_all.select(3, 0)  # [layers, 2, blocks, heads, dim]
+    slot0.index_copy_(2, dst_t, slot0.index_select(2, src_t))
