@@ -25,6 +25,7 @@ from pagoda.kernels.activation import _act_and_mul_kernel  # noqa: E402
 from pagoda.kernels.kv_cache import _rope_write_kv_kernel  # noqa: E402
 from pagoda.kernels.layernorm import _rms_norm_kernel  # noqa: E402
 from pagoda.kernels.paged_attention import _attention_kernel  # noqa: E402
+from pagoda.kernels.rotary import _rotary_kernel  # noqa: E402
 from pagoda.kernels.sampling import _chunk_best_kernel, _sample_kernel  # noqa: E402
 from pagoda.kernels.skinny_gemm import _skinny_gemm_kernel  # noqa: E402
 
@@ -78,6 +79,8 @@ CASES = [
                                  QK_NORM=False, USE_PDL=True), ROPE_TYPES),
     (_rope_write_kv_kernel, dict(QH_P2=16, KH_P2=8, DIM_P2=128, HALF_P2=64, IS_NEOX=True,
                                  QK_NORM=True, USE_PDL=True), ROPE_TYPES),  # Qwen3-0.6B
+    (_rotary_kernel, dict(QH_P2=32, KH_P2=8, HALF_P2=64, IS_NEOX=True),  # unfused (profiling run)
+     {"pos_ptr": "*i64", "q_ptr": BF16, "k_ptr": BF16, "cache_ptr": "*fp32"}),
     (_chunk_best_kernel, dict(NOISE=2, NUM_CHUNKS=16, CHUNK=8192, BLOCK=1024),
      {"logits_ptr": BF16, "q_ptr": BF16, "temp_ptr": "*fp32", "best_ptr": "*fp32",
       "idx_ptr": "*i32", "greedy_eps": "fp32"}),
