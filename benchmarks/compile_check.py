@@ -33,14 +33,18 @@ BF16 = "*bf16"
 ATTENTION_TYPES = {"q_ptr": BF16, "k_ptr": BF16, "v_ptr": BF16, "out_ptr": BF16,
                    "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "counter_ptr": "*i32",
                    "block_table_ptr": "*i32", "seq_lens_ptr": "*i32", "query_start_ptr": "*i32",
-                   "alibi_ptr": BF16,
+                   "alibi_ptr": BF16, "pos_ptr": "*i64", "cos_sin_ptr": "*fp32",
+                   "new_k_ptr": BF16, "new_v_ptr": BF16, "slot_ptr": "*i64",
+                   "q_norm_ptr": BF16, "k_norm_ptr": BF16, "eps": "fp32",
                    "scale": "fp32", "soft_cap": "fp32"}
 
 
-def _attention(splits: int, window: bool = False, decode: bool = True) -> dict:
+def _attention(splits: int, window: bool = False, decode: bool = True, rope: bool = False,
+               qk_norm: bool = False) -> dict:
     return dict(BLOCK_Q=4, BLOCK_M=16, QPKV_P2=4, DIM_P2=128, TILE_N=128, NUM_SPLITS=splits,
                 USE_SOFT_CAP=window, USE_WINDOW=window, USE_ALIBI=False, PAGED=True,
-                DECODE=decode, SPLITS_P2=splits, DOT_PREC="tf32", USE_PDL=True)
+                DECODE=decode, SPLITS_P2=splits, ROPE=rope, IS_NEOX=True, QK_NORM=qk_norm,
+                DOT_PREC="tf32", USE_PDL=True)
 
 
 SKINNY_TYPES = {"x_ptr": BF16, "w_ptr": BF16, "b_ptr": BF16, "r_ptr": BF16, "y_ptr": BF16,
@@ -65,6 +69,8 @@ CASES = [
     (_attention_kernel, _attention(16), ATTENTION_TYPES),
     (_attention_kernel, _attention(16, window=True), ATTENTION_TYPES),
     (_attention_kernel, _attention(1, decode=False), ATTENTION_TYPES),  # prefill grid
+    (_attention_kernel, _attention(16, rope=True), ATTENTION_TYPES),  # PAGODA_ATTN_ROPE=1
+    (_attention_kernel, _attention(1, rope=True, qk_norm=True), ATTENTION_TYPES),
     (_skinny_gemm_kernel, _skinny(), SKINNY_TYPES),
     (_skinny_gemm_kernel, _skinny(NORM=True, GATED=True, BLOCK_N=32),
      SKINNY_TYPES),

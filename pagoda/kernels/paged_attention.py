@@ -1,7 +1,8 @@
 """One Triton attention kernel for prefill, chunked prefill (with cached context) and decode.
 
 The KV cache has already been written for this step, so every key of a sequence, old or new,
-is read from the paged cache through the block table. A program owns BLOCK_Q consecutive
+is read from the paged cache through the block table. (Except with `decode_rope`, at decode:
+the program whose split holds the new key rotates it and writes it with its value first.) A program owns BLOCK_Q consecutive
 queries of one sequence times the query heads that share one KV head (GQA packs those heads
 into the rows of one tile, so each K/V tile is loaded once for the whole group) and loops over
 the keys in tiles of TILE_N with an online softmax.
@@ -25,12 +26,14 @@ grid is one program per sequence instead, with no search.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from pagoda.kernels.kv_cache import _rotated_k
 from pagoda.kernels.pdl import launch_args, wait_then_release
 
 # =0 gives decode the general grid, for A/B runs
@@ -172,9 +175,32 @@ def _combine_splits(out_ptr, part_acc_ptr, part_ml_ptr, tok, head, row_mask, d, 
 
 
 @triton.jit
+def _write_new_kv(new_k, new_v, cache_k, cache_v, slot, cos_sin, d, d_mask, half, head_dim,
+                  block_size, stride_kv_blk, stride_kv_slot, k_norm_ptr, eps,
+                  IS_NEOX: tl.constexpr, QK_NORM: tl.constexpr):
+    """Decode with the rotation fused in: this token's key (normalised and rotated as
+    kv_cache.rope_and_write_kv does) and value for one KV head go into the cache at `slot`
+    (-1: a padding token, nothing written), then a CTA barrier, so the key tile loads after
+    it see them."""
+    if slot >= 0:
+        row = (slot // block_size).to(tl.int64) * stride_kv_blk \
+            + (slot % block_size).to(tl.int64) * stride_kv_slot
+        mask = d_mask[None, :]
+        k = _rotated_k(new_k + tl.zeros([1, 1], tl.int32), cos_sin, d[None, :], mask, half,
+                       head_dim, k_norm_ptr, eps, IS_NEOX, QK_NORM)
+        v = tl.load(new_v + d[None, :], mask=mask)
+        ty = cache_k.dtype.element_ty
+        tl.store(cache_k + row + d[None, :], k.to(new_k.dtype.element_ty).to(ty), mask=mask)
+        tl.store(cache_v + row + d[None, :], v.to(ty), mask=mask)
+    tl.debug_barrier()
+
+
+@triton.jit
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, part_acc_ptr, part_ml_ptr, counter_ptr,
     block_table_ptr, seq_lens_ptr, query_start_ptr, alibi_ptr,
+    pos_ptr, cos_sin_ptr, new_k_ptr, new_v_ptr, slot_ptr, q_norm_ptr, k_norm_ptr, eps,
+    stride_cs, stride_nk_t, stride_nk_h, stride_nv_t, stride_nv_h, half,
     scale, soft_cap, window, num_seqs, num_heads,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kv_blk, stride_kv_slot, stride_kv_head, stride_bt,
@@ -183,6 +209,7 @@ def _attention_kernel(
     DIM_P2: tl.constexpr, TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     USE_SOFT_CAP: tl.constexpr, USE_WINDOW: tl.constexpr, USE_ALIBI: tl.constexpr,
     PAGED: tl.constexpr, DECODE: tl.constexpr, SPLITS_P2: tl.constexpr,
+    ROPE: tl.constexpr, IS_NEOX: tl.constexpr, QK_NORM: tl.constexpr,
     DOT_PREC: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     wait_then_release(USE_PDL)
@@ -206,8 +233,13 @@ def _attention_kernel(
     tok = (q_start + qi).to(tl.int64)
     d = tl.arange(0, DIM_P2)
     d_mask = d < head_dim
-    q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
-                mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+    q_rows = q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh
+    if ROPE:  # decode: this step's q and k/v come unrotated, straight from the projection
+        cos_sin = cos_sin_ptr + tl.load(pos_ptr + q_start).to(tl.int64) * stride_cs
+        q = _rotated_k(q_rows, cos_sin, d[None, :], row_mask[:, None] & d_mask[None, :], half,
+                       head_dim, q_norm_ptr, eps, IS_NEOX, QK_NORM).to(q_ptr.dtype.element_ty)
+    else:
+        q = tl.load(q_rows + d[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
     if USE_ALIBI:
         slope = tl.load(alibi_ptr + head, mask=row_mask, other=0.0).to(tl.float32)
 
@@ -218,6 +250,13 @@ def _attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DIM_P2], tl.float32)
     kv_head_off = kv_head.to(tl.int64) * stride_kv_head
+    if ROPE:
+        if (tile_lo < tile_hi) & (tile_hi * TILE_N >= kv_end):  # this split reads the new key
+            _write_new_kv(new_k_ptr + q_start * stride_nk_t + kv_head * stride_nk_h,
+                          new_v_ptr + q_start * stride_nv_t + kv_head * stride_nv_h,
+                          k_ptr + kv_head_off, v_ptr + kv_head_off, tl.load(slot_ptr + q_start),
+                          cos_sin, d, d_mask, half, head_dim, block_size, stride_kv_blk,
+                          stride_kv_slot, k_norm_ptr, eps, IS_NEOX, QK_NORM)
     for t in range(tile_lo, tile_hi):
         kpos = t * TILE_N + tl.arange(0, TILE_N)
         kmask = kpos < kv_end
@@ -255,6 +294,19 @@ def _attention_kernel(
             tl.store(count, 0)  # zero again for the next launch
 
 
+@dataclass
+class DecodeRope:
+    """What a decode step's attention needs to rotate q and to rotate and write this step's
+    k/v itself (one kernel a layer fewer): as kv_cache.rope_and_write_kv's arguments."""
+    positions: torch.Tensor  # [T]
+    cos_sin_cache: torch.Tensor  # [max_pos, rot_dim]
+    is_neox: bool
+    new_k: torch.Tensor  # [T, Hkv, D], unrotated
+    new_v: torch.Tensor
+    slot_mapping: torch.Tensor  # [T], -1: padding
+    qk_norm: Optional[tuple[torch.Tensor, torch.Tensor, float]] = None  # q, k weights, eps
+
+
 def choose_config(max_query_len: int, num_queries_per_kv: int, head_dim: int,
                   num_splits: int = 1, override: Optional[dict] = None) -> dict:
     """Tile shapes and launch options. tl.dot needs at least 16 rows, so decode packs the GQA
@@ -290,10 +342,13 @@ def paged_attention(
     sliding_window: Optional[int] = None, soft_cap: Optional[float] = None,
     alibi_slopes: Optional[torch.Tensor] = None, num_splits: int = 1,
     tile_n: Optional[int] = None, config: Optional[dict] = None,
+    decode_rope: Optional[DecodeRope] = None,
 ) -> torch.Tensor:
     """q/out: [T, H, D]. key/value: the cache halves [num_blocks, block_size, Hkv, D] (paged,
     with block_table) or, when block_table is None, this step's k/v [T, Hkv, D] (profiling
-    run: causal attention over the new tokens only). Positions come from seq_lens."""
+    run: causal attention over the new tokens only). Positions come from seq_lens.
+    decode_rope (decode steps only): q arrives unrotated, and this step's k/v are rotated
+    and written into the cache here instead of by kv_cache.rope_and_write_kv."""
     num_tokens, num_heads, head_dim = q.shape
     paged = block_table is not None
     num_kv_heads = key.shape[2] if paged else key.shape[1]
@@ -320,21 +375,44 @@ def paged_attention(
     # Decode (one token per sequence, as every CUDA-graph step): a program per sequence, which
     # saves the search over query_start_loc and its dependent loads; padded sequences of a
     # graph batch have seq_len 0 and attend to nothing.
-    decode = paged and max_query_len <= 1 and num_tokens == num_seqs and _DECODE_GRID
+    decode = paged and uses_decode_grid(num_tokens, num_seqs, max_query_len)
     grid = (num_seqs if decode else num_tokens // block_q + num_seqs, num_kv_heads, num_splits)
     counters = _split_counters(q.device, grid[0] * grid[1]) if num_splits > 1 else out
+    if decode_rope is not None and not decode:
+        raise ValueError("decode_rope needs a decode step: one token per sequence, paged")
+    rope_args = _rope_args(decode_rope, q)
     _attention_kernel[grid](
         q, key, value, out, part_acc, part_ml, counters,
         bt, seq_lens, query_start_loc, alibi_slopes if alibi_slopes is not None else q,
-        scale, float(soft_cap or 0.0), int(sliding_window or 0), num_seqs, num_heads,
+        *rope_args, scale, float(soft_cap or 0.0), int(sliding_window or 0), num_seqs, num_heads,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         *kv_strides, stride_bt, block_size, qpkv, head_dim,
         BLOCK_Q=block_q, BLOCK_M=block_m, QPKV_P2=triton.next_power_of_2(qpkv),
         DIM_P2=dim_p2, TILE_N=tile_n, NUM_SPLITS=num_splits,
         USE_SOFT_CAP=bool(soft_cap), USE_WINDOW=bool(sliding_window),
         USE_ALIBI=alibi_slopes is not None, PAGED=paged, DECODE=decode,
-        SPLITS_P2=triton.next_power_of_2(num_splits),
+        SPLITS_P2=triton.next_power_of_2(num_splits), ROPE=decode_rope is not None,
+        IS_NEOX=decode_rope is None or decode_rope.is_neox,
+        QK_NORM=decode_rope is not None and decode_rope.qk_norm is not None,
         DOT_PREC="ieee" if q.dtype == torch.float32 else None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_args(q.device),
     )
     return out
+
+
+def uses_decode_grid(num_tokens: int, num_seqs: int, max_query_len: int) -> bool:
+    """Whether a paged step runs the decode grid (a program per sequence): one token per
+    sequence, padded sequences included."""
+    return max_query_len <= 1 and num_tokens == num_seqs and _DECODE_GRID
+
+
+def _rope_args(rope: Optional[DecodeRope], q: torch.Tensor) -> tuple:
+    """The kernel's rotation arguments (pos_ptr .. half); placeholders without rotation."""
+    if rope is None:
+        return (q, q, q, q, q, q, q, 0.0, 0, 0, 0, 0, 0, 0)
+    k, v = rope.new_k, rope.new_v
+    assert k.stride(-1) == 1 and v.stride(-1) == 1 and rope.cos_sin_cache.stride(-1) == 1
+    q_weight, k_weight, eps = rope.qk_norm if rope.qk_norm is not None else (q, q, 0.0)
+    return (rope.positions, rope.cos_sin_cache, k, v, rope.slot_mapping, q_weight, k_weight,
+            eps, rope.cos_sin_cache.stride(0), k.stride(0), k.stride(1), v.stride(0),
+            v.stride(1), rope.cos_sin_cache.shape[-1] // 2)

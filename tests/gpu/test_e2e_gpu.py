@@ -220,15 +220,19 @@ def _fake_graphs(runner) -> None:
     graphs.replay = runner._graph_forward
 
 
-def test_cpu_padded_decode_and_lookahead(tiny_llama_path, monkeypatch):
+@pytest.mark.parametrize("attn_rope", [False, True], ids=["kv-write", "in-attention"])
+def test_cpu_padded_decode_and_lookahead(tiny_llama_path, monkeypatch, attn_rope):
     """Padded decode batches and the decode lookahead, through requests that finish at
-    different steps (dead rows) and tokens that open new KV blocks (scratch blocks)."""
+    different steps (dead rows) and tokens that open new KV blocks (scratch blocks); the
+    rotation in the KV-write kernel or (PAGODA_ATTN_ROPE=1) in the attention kernel."""
     pytest.importorskip("triton")
     if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("CPU emulation through Triton's interpreter only")
     from pagoda import LLM
+    from pagoda.attention.backends import triton as triton_backend
     from pagoda.worker import cuda_graphs
     monkeypatch.setenv("PAGODA_ATTENTION_BACKEND", "triton")
+    monkeypatch.setattr(triton_backend, "_ATTN_ROPE", attn_rope)
     prompts = make_prompts(384, lengths=(3, 17, 40, 5, 9, 30))
     lens = [40, 20, 7, 35, 3, 26]
     seen = {"steps": 0, "dead": 0, "moved": 0}

@@ -259,3 +259,45 @@ def test_plain_sampling_real_vocab(b):
     # The kernel's log may differ from torch's in the last bit: allow one near-tie flip.
     assert (sample_plain(logits, temp, q) != want).sum() <= 1
     assert torch.equal(sample_plain(logits, torch.zeros(b, device=DEV), None), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("splits,qk_norm", [(None, False), (8, False), (None, True)])
+def test_rotation_inside_decode_attention(monkeypatch, splits, qk_norm):
+    """PAGODA_ATTN_ROPE=1 at Llama-3.1-8B decode shapes in bf16: the attention kernel
+    rotates q, and this step's k into the cache, with the same cache bits and output as the
+    KV-write kernel's rotation (graph-padded batch, long contexts split over programs)."""
+    from types import SimpleNamespace
+    from pagoda.attention.backend import Rotary
+    from pagoda.attention.backends import triton as triton_backend
+    from pagoda.layers.layernorm import RMSNorm
+    from pagoda.layers.rotary import RotaryEmbedding
+    layer, block_size = make_layer(32, 8, 128), 16
+    seqs = [(1000, 1), (37, 1), (3000, 1), (5, 1)]
+    num_blocks = sum(-(-(c + n) // block_size) for c, n in seqs) + 8
+    meta = meta_to(make_batch(seqs, block_size, num_blocks, 4, 4), DEV)
+    q = torch.randn(8, 32, 128, device=DEV, dtype=BF)
+    k, v = (torch.randn(8, 8, 128, device=DEV, dtype=BF) for _ in range(2))
+    rope = RotaryEmbedding(SimpleNamespace(rope_theta=500000.0), 128, 128, 4096, True).to(DEV)
+    norms = None
+    if qk_norm:
+        norms = (RMSNorm(128, 1e-6).to(DEV, BF), RMSNorm(128, 1e-6).to(DEV, BF))
+        for norm in norms:
+            norm.weight.copy_(torch.rand(128) + 0.5)
+    positions = torch.tensor([c for c, _ in seqs] + [0] * 4, device=DEV)
+    cache = torch.randn(2, num_blocks, block_size, 8, 128, device=DEV, dtype=BF)
+    results = []
+    for in_attention in (False, True):
+        monkeypatch.setattr(triton_backend, "_ATTN_ROPE", in_attention)
+        tri = triton_backend.TritonBackend(force_splits=splits)
+        c = cache.clone()
+        out = tri.forward(layer, q.clone(), k, v, c, tri.build_metadata(meta),
+                          Rotary(rope, positions, *(norms or (None, None))))
+        results.append((out[:4], c))
+    torch.cuda.synchronize()
+    (out_a, cache_a), (out_b, cache_b) = results
+    written = meta.slot_mapping[:4]  # the same math in two kernels: equal up to fp32 rounding
+    flat_a, flat_b = cache_a.view(2, -1, 8, 128), cache_b.view(2, -1, 8, 128)
+    assert rel_err(flat_b[:, written], flat_a[:, written]) < 1e-3
+    flat_a[:, written] = flat_b[:, written]
+    assert torch.equal(cache_a, cache_b)  # and nothing else written
+    assert rel_err(out_b, out_a) < 1e-3

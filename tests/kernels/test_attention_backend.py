@@ -164,17 +164,44 @@ def test_cuda_graph_padding():
     run_both(make_layer(4, 2, 32), [(10, 1), (40, 1)], pad_tokens=3, pad_reqs=3, splits=4)
 
 
+@pytest.fixture(params=[False, True], ids=["kv-write", "in-attention"])
+def attn_rope(request, monkeypatch):
+    """Where decode steps rotate: the KV-write kernel, or (PAGODA_ATTN_ROPE=1) the attention
+    kernel itself. Yields the list of decode_rope arguments attention was called with."""
+    import pagoda.attention.backends.triton as triton_backend
+    monkeypatch.setattr(triton_backend, "_ATTN_ROPE", request.param)
+    calls = []
+    attend = triton_backend.paged_attention
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs.get("decode_rope"))
+        return attend(*args, **kwargs)
+
+    monkeypatch.setattr(triton_backend, "paged_attention", recording)
+    yield calls
+    if request.param:  # the decode batches below took the in-attention path
+        assert any(call is not None for call in calls)
+
+
+# decode batches as CUDA graphs pad them (as many padded tokens as padded sequences), with
+# and without splits; with 16-key tiles, 3 splits give the new key to a middle split
+DECODE_ROPE_CASES = [dict(seqs=[(10, 1), (30, 1), (4, 1)], pad_tokens=2, pad_reqs=2),
+                     dict(seqs=[(40, 1), (7, 1)], splits=3)]
+
+
 @pytest.mark.parametrize("neox,rotary_dim", [(True, 32), (False, 32), (True, 16)])
-def test_rotary_fused_into_kv_write(neox, rotary_dim):
+def test_rotary_fused_into_kv_write(neox, rotary_dim, attn_rope):
     from types import SimpleNamespace
     from pagoda.layers.rotary import RotaryEmbedding
     rope = RotaryEmbedding(SimpleNamespace(rope_theta=10000.0), 32, rotary_dim, 64, neox)
     run_both(make_layer(4, 2, 32), MIX, rope=rope)  # prefill, chunks, decode: cache equal
     run_both(make_layer(4, 2, 32), [(10, 1), (30, 1)], pad_tokens=3, pad_reqs=1, rope=rope)
     run_both(make_layer(4, 2, 32), [(0, 9), (0, 3)], with_cache=False, rope=rope)
+    for case in DECODE_ROPE_CASES:
+        run_both(make_layer(4, 2, 32), rope=rope, **case)
 
 
-def test_qk_norm_fused_into_kv_write():
+def test_qk_norm_fused_into_kv_write(attn_rope):
     """Qwen3's per-head q/k norms: fused into the KV write with the rotation (decode, chunks,
     padding), and applied unfused where the Triton backend cannot fuse them (no cache)."""
     from types import SimpleNamespace
@@ -189,6 +216,8 @@ def test_qk_norm_fused_into_kv_write():
              qk_norm=norms)
     run_both(make_layer(4, 2, 32), [(0, 9), (0, 3)], with_cache=False, rope=rope,
              qk_norm=norms)
+    for case in DECODE_ROPE_CASES:
+        run_both(make_layer(4, 2, 32), rope=rope, qk_norm=norms, **case)
 
 
 def test_profiling_run_without_cache():

@@ -69,14 +69,17 @@ def test_families_through_the_fused_path(checkpoints, count_fused, family):
     assert count_fused
 
 
-def test_qwen3_through_the_triton_backend(tmp_path, count_fused, monkeypatch):
+@pytest.mark.parametrize("attn_rope", [False, True], ids=["kv-write", "in-attention"])
+def test_qwen3_through_the_triton_backend(tmp_path, count_fused, monkeypatch, attn_rope):
     """Qwen3 with every decode kernel of the GPU path under the interpreter: the fused
     layer, the Triton attention backend, and its KV write applying the per-head q/k norms
-    with the rotation."""
+    with the rotation (at decode, with PAGODA_ATTN_ROPE=1, the attention kernel's)."""
     from transformers import AutoModelForCausalLM
+    from pagoda.attention.backends import triton as triton_backend
     from pagoda.kernels import kv_cache
     from tests.models.test_llama_family import FAMILIES
     monkeypatch.setenv("PAGODA_ATTENTION_BACKEND", "triton")
+    monkeypatch.setattr(triton_backend, "_ATTN_ROPE", attn_rope)
     normed_writes = []
 
     def counting(*args):

@@ -2,11 +2,14 @@
 
 `build_metadata` makes only host-side decisions (from the host copies in the common metadata)
 so a step never waits on the device; `forward` launches two kernels per layer: rotary + KV
-write, and attention (whose split-KV path combines its splits itself).
+write, and attention (whose split-KV path combines its splits itself). With
+PAGODA_ATTN_ROPE=1 a decode step launches one: the attention kernel rotates q, and this
+step's k on its way into the cache (off until an H200 A/B run says; docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional
@@ -15,12 +18,13 @@ import torch
 
 from pagoda.attention.backend import AttentionLayerSpec, CommonAttentionMetadata, Rotary
 from pagoda.kernels.kv_cache import rope_and_write_kv, write_kv_cache
-from pagoda.kernels.paged_attention import paged_attention
+from pagoda.kernels.paged_attention import DecodeRope, paged_attention, uses_decode_grid
 
 # Split-KV pays off only when one program per (sequence, KV head) leaves most SMs idle and each
 # split still gets several key tiles; below these sizes the extra reduce launch costs more.
 _MIN_KEYS_PER_SPLIT = 256
 _MAX_SPLITS = 32
+_ATTN_ROPE = os.environ.get("PAGODA_ATTN_ROPE") == "1"
 
 
 @lru_cache(maxsize=None)
@@ -76,6 +80,7 @@ class TritonBackend:
         out = torch.empty_like(q)
         if q.shape[0] == 0 or common.num_reqs == 0:
             return out
+        decode_rope = None
         if kv_cache is None:  # profiling run: no cache, attend over the new tokens only
             # The kernel reads k and v with one set of strides; with q/k norms k is a new
             # tensor while v is still a view of the fused qkv output.
@@ -84,7 +89,14 @@ class TritonBackend:
             # Padded tokens carry slot -1 and are skipped by the kernel, so the whole
             # (possibly CUDA-graph padded) batch is passed without slicing on the host.
             n = min(k.shape[0], common.slot_mapping.shape[0])
-            if fuse_rotary:  # q rotated in place, k rotated on its way into the cache
+            if (fuse_rotary and _ATTN_ROPE
+                    and uses_decode_grid(q.shape[0], common.num_reqs, common.max_query_len)):
+                # the attention kernel rotates q, and k on its way into the cache
+                rope = rotary.rope
+                decode_rope = DecodeRope(rotary.positions[:n], rope.cos_sin_cache,
+                                         rope.is_neox_style, k[:n], v[:n],
+                                         common.slot_mapping[:n], _qk_norm_weights(rotary))
+            elif fuse_rotary:  # q rotated in place, k rotated on its way into the cache
                 rope = rotary.rope
                 rope_and_write_kv(rotary.positions[:n], q[:n], k[:n], v[:n],
                                   rope.cos_sin_cache, rope.is_neox_style, kv_cache,
@@ -100,6 +112,7 @@ class TritonBackend:
             max_query_len=common.max_query_len, scale=layer.scale,
             sliding_window=layer.sliding_window, soft_cap=layer.logits_soft_cap,
             alibi_slopes=layer.alibi_slopes, num_splits=splits, tile_n=self.tile_n,
+            decode_rope=decode_rope,
         )
         return out
 
