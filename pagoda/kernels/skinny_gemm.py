@@ -116,10 +116,35 @@ def choose_config(n: int, k: int) -> dict:
     """Tiles by weight shape, from the H200 sweep (bf16, M = 1 and 8, weights streamed from
     HBM): narrow outputs take narrow tiles so every SM gets a program; wider outputs take
     64-column tiles with shorter K steps (the best configs for 6144 and 28672 columns, and
-    128-wide K steps for the 128k-column LM head)."""
+    128-wide K steps for the 128k-column LM head). PAGODA_SKINNY_TILES overrides shapes for
+    A/B runs inside the decode graph, where the sweep's standalone timings may not hold
+    (PDL overlap, co-resident CTAs): "NxK:block_n/block_k/num_stages+..." with N and K the
+    weight's rows and columns (a gated GEMM's block_n still covers gate and up rows); no
+    commas or semicolons, so a value fits gpu_suite's AB list."""
+    if (n, k) in _TILE_OVERRIDES:
+        return dict(_TILE_OVERRIDES[(n, k)])
     block_n = 16 if n <= 2048 else 32 if n <= 4096 else 64
     block_k = 512 if block_n < 64 else 128 if n >= 65536 else 256
     return dict(block_n=block_n, block_k=block_k, num_warps=4, num_stages=4)
+
+
+def _parse_tiles(spec: str) -> dict:
+    """PAGODA_SKINNY_TILES -> {(n, k): config}; a malformed entry is an error, not ignored."""
+    tiles = {}
+    for entry in filter(None, (part.strip() for part in spec.split("+"))):
+        try:
+            shape, values = entry.split(":")
+            n, k = (int(x) for x in shape.lower().split("x"))
+            block_n, block_k, stages = (int(x) for x in values.split("/"))
+        except ValueError:
+            raise ValueError(f"PAGODA_SKINNY_TILES entry {entry!r}: want "
+                             "NxK:block_n/block_k/num_stages") from None
+        tiles[(n, k)] = dict(block_n=block_n, block_k=block_k, num_warps=4,
+                             num_stages=stages)
+    return tiles
+
+
+_TILE_OVERRIDES = _parse_tiles(os.environ.get("PAGODA_SKINNY_TILES", ""))
 
 
 def beats_cublas(m: int, n: int, k: int, dtype: torch.dtype) -> bool:

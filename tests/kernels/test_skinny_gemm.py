@@ -101,3 +101,25 @@ def test_fusion_arguments_are_checked():
         skinny_gemm(torch.randn(2, 64), torch.randn(47, 64), act="silu")
     with pytest.raises(ValueError):
         skinny_gemm(torch.randn(2, 64), w, square_sums=torch.randn(3, 4))
+
+
+def test_tile_overrides_for_ab_runs(monkeypatch):
+    """PAGODA_SKINNY_TILES: tiles per weight shape, for A/B runs in the decode graph; the
+    gated GEMM and add_linear (whose sums of squares count programs) follow the override."""
+    from pagoda.kernels import skinny_gemm as sg
+    tiles = sg._parse_tiles("96x64:16/32/3+ 64x96:32/64/2")
+    assert tiles[(96, 64)] == dict(block_n=16, block_k=32, num_warps=4, num_stages=3)
+    monkeypatch.setattr(sg, "_TILE_OVERRIDES", tiles)
+    assert sg.choose_config(64, 96)["block_k"] == 64
+    x, w = torch.randn(3, 64), torch.randn(96, 64)
+    gate, up = (x @ w.T).split(48, dim=-1)
+    got = sg.skinny_gemm(x, w, act="silu")
+    torch.testing.assert_close(got, torch.nn.functional.silu(gate) * up, atol=1e-4, rtol=1e-4)
+    stream, w_down = torch.randn(3, 64), torch.randn(64, 96)
+    delta = torch.randn(3, 96)
+    want = stream + delta @ w_down.T
+    sums = sg.add_linear(stream, delta, w_down)
+    torch.testing.assert_close(stream, want, atol=1e-4, rtol=1e-4)
+    assert sums.shape == (3, 2)  # 64 columns in tiles of 32
+    with pytest.raises(ValueError, match="NxK"):
+        sg._parse_tiles("96x64:16/32")
