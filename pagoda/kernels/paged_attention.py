@@ -2,10 +2,10 @@
 
 The KV cache has already been written for this step, so every key of a sequence, old or new,
 is read from the paged cache through the block table. (Except with `decode_rope`, at decode:
-the program whose split holds the new key rotates it and writes it with its value first.) A program owns BLOCK_Q consecutive
-queries of one sequence times the query heads that share one KV head (GQA packs those heads
-into the rows of one tile, so each K/V tile is loaded once for the whole group) and loops over
-the keys in tiles of TILE_N with an online softmax.
+the program whose split holds the new key rotates it and writes it with its value first.)
+A program owns BLOCK_Q consecutive queries of one sequence times the query heads that share
+one KV head (GQA packs those heads into the rows of one tile, so each K/V tile is loaded once
+for the whole group) and loops over the keys in tiles of TILE_N with an online softmax.
 
 Programs are laid out as `q_block = query_start // BLOCK_Q + seq_idx` (vLLM's trick): the grid
 size `num_tokens // BLOCK_Q + num_seqs` is known on the host without reading any device tensor,
