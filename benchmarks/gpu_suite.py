@@ -24,10 +24,11 @@ P3_HF_SUBSET = 256  # transformers runs the first 256 of P3's 1000 requests (one
 # P5: requests per rate (PERF.md asks 1000; 200 keeps the four rates inside one device call,
 # about 50 s at 4 req/s) and the rates.
 SIZES = {"device": "cuda", "p1": (128, 256, 2, 5), "p2": (32, 128, 10, 30),
-         "p3": (1000, 512, 256), "p4": 256, "hf": P3_HF_SUBSET, "graphs": (1, 8, 64, 256),
+         "p3": (1000, 512, 256), "p4": 256, "p4_decode": (256, 768, 24), "hf": P3_HF_SUBSET,
+         "graphs": (1, 8, 64, 256),
          "p5": (int(os.environ.get("P5_PROMPTS", 200)), "4,8,16,inf", 4096)}
 QUICK = {"device": "cpu", "p1": (16, 8, 1, 1), "p2": (8, 8, 1, 2), "p3": (12, 32, 8), "p4": 4,
-         "hf": 4, "graphs": (1,), "p5": (4, "20,inf", 512)}
+         "p4_decode": (4, 16, 2), "hf": 4, "graphs": (1,), "p5": (4, "20,inf", 512)}
 
 
 def _save(out: str, stage: str, data: dict) -> None:
@@ -122,7 +123,9 @@ def _profile_batch_decode(llm, path: str, batch: int, prompt_len: int, steps: in
         engine.step()
     wall_ms = 1000 * (time.perf_counter() - start) / steps
     exec_ms = 1000 * recorder.totals().step_time_s / steps
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
+                                           if SIZES["device"] == "cuda" else [])
+    with profile(activities=activities) as prof:
         for _ in range(steps):
             engine.step()
     recorder.detach()
@@ -133,7 +136,9 @@ def _profile_batch_decode(llm, path: str, batch: int, prompt_len: int, steps: in
     with open(path, "w") as f:
         f.write(f"== {steps} decode steps, batch {batch}, context ~{prompt_len}: "
                 f"wall {wall_ms:.2f} ms/step, executor {exec_ms:.2f} ==\n")
-        f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25))
+        f.write(prof.key_averages().table(sort_by="self_cuda_time_total"
+                                          if SIZES["device"] == "cuda" else
+                                          "self_cpu_time_total", row_limit=25))
         f.write("\n== indexing ops of 2 more steps run eagerly, by caller (the graph's "
                 "index and gather kernels have none) ==\n" + stacks)
     result = {"batch": batch, "context": prompt_len, "wall_ms_per_step": wall_ms,
@@ -290,12 +295,11 @@ def stage_p4(out: str) -> dict:
                                                 res["elapsed_time"])
     res.pop("per_request_output_tokens", None)
     print("P4:", json.dumps(res))
-    if SIZES["device"] == "cuda":  # P4's mean context is ~800 tokens at 256 sequences
-        try:
-            res["batch_decode"] = _profile_batch_decode(
-                llm, os.path.join(out, "profile_p4.txt"), 256, 768, 24)
-        except Exception:
-            traceback.print_exc()
+    try:  # P4's mean context is ~800 tokens at 256 sequences
+        res["batch_decode"] = _profile_batch_decode(
+            llm, os.path.join(out, "profile_p4.txt"), *SIZES["p4_decode"])
+    except Exception:
+        traceback.print_exc()
     return res
 
 

@@ -40,14 +40,18 @@ def test_p5_stage_and_table_dry_run(tmp_path):
 
 def test_p4_stage_reports_host_time(tmp_path):
     """P4's table rows include the wall time spent outside executor.execute per step, which
-    says whether the host paces the engine."""
+    says whether the host paces the engine, and the batch-decode profile's timing."""
     # nano-vllm's prompt ids go up to 10000
     p4, table = _run_stage(tmp_path, "p4", "SUITE_QWEN3", max_position_embeddings=4096,
                            vocab_size=10240)
     assert 0 < p4["outside_execute_s"] < p4["elapsed_time"]
     assert p4["engine_time_s"] + p4["outside_execute_s"] == pytest.approx(p4["elapsed_time"])
     rows = [line for line in table if line.startswith("| P4")]
-    assert len(rows) == 2 and "outside execute" in rows[1], table
+    assert len(rows) == 3 and "outside execute" in rows[1], table
+    # the batch-decode piece: timed steps, a profile ending with the indexing ops' callers
+    assert p4["batch_decode"]["wall_ms_per_step"] > 0 and "ms/step wall" in rows[2]
+    profile = (tmp_path / "out" / "profile_p4.txt").read_text()
+    assert "aten.embedding" in profile.split("== indexing")[1]
 
 
 def test_ab_stage_runs_each_setting(tmp_path):
