@@ -175,6 +175,18 @@ def _combine_splits(out_ptr, part_acc_ptr, part_ml_ptr, tok, head, row_mask, d, 
 
 
 @triton.jit
+def _load_q(q_rows, mask, d, cos_sin, half, head_dim, q_norm_ptr, eps, ROPE: tl.constexpr,
+            IS_NEOX: tl.constexpr, QK_NORM: tl.constexpr):
+    """This program's query rows [rows, DIM]; with ROPE (decode: q comes unrotated, straight
+    from the projection) normalised and rotated as kv_cache.rope_and_write_kv does."""
+    if ROPE:
+        q = _rotated_k(q_rows, cos_sin, d[None, :], mask, half, head_dim, q_norm_ptr, eps,
+                       IS_NEOX, QK_NORM)
+        return q.to(q_rows.dtype.element_ty)
+    return tl.load(q_rows + d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
 def _write_new_kv(new_k, new_v, cache_k, cache_v, slot, cos_sin, d, d_mask, half, head_dim,
                   block_size, stride_kv_blk, stride_kv_slot, k_norm_ptr, eps,
                   IS_NEOX: tl.constexpr, QK_NORM: tl.constexpr):
@@ -234,12 +246,9 @@ def _attention_kernel(
     d = tl.arange(0, DIM_P2)
     d_mask = d < head_dim
     q_rows = q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh
-    if ROPE:  # decode: this step's q and k/v come unrotated, straight from the projection
-        cos_sin = cos_sin_ptr + tl.load(pos_ptr + q_start).to(tl.int64) * stride_cs
-        q = _rotated_k(q_rows, cos_sin, d[None, :], row_mask[:, None] & d_mask[None, :], half,
-                       head_dim, q_norm_ptr, eps, IS_NEOX, QK_NORM).to(q_ptr.dtype.element_ty)
-    else:
-        q = tl.load(q_rows + d[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+    cos_sin = cos_sin_ptr + tl.load(pos_ptr + q_start).to(tl.int64) * stride_cs if ROPE else 0
+    q = _load_q(q_rows, row_mask[:, None] & d_mask[None, :], d, cos_sin, half, head_dim,
+                q_norm_ptr, eps, ROPE, IS_NEOX, QK_NORM)
     if USE_ALIBI:
         slope = tl.load(alibi_ptr + head, mask=row_mask, other=0.0).to(tl.float32)
 
