@@ -37,6 +37,13 @@ def _lane_argmax(best, best_idx, V):
     return tl.min(tl.where(best == m, best_idx, V), 0)
 
 
+@triton.jit
+def _keep_better(score, cols, best, best_idx):
+    """One step of a per-lane running argmax; strict, so each lane keeps its first maximum."""
+    take = score > best
+    return tl.where(take, score, best), tl.where(take, cols, best_idx)
+
+
 # Every pass keeps per-lane running values ([BLOCK] or [BLOCK, NT] registers) and reduces
 # across lanes once at the end: a cross-warp reduction per chunk would serialise the loop.
 @triton.jit
@@ -46,9 +53,7 @@ def _greedy(base, V, BLOCK: tl.constexpr):
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         x = tl.load(base + cols, mask=cols < V, other=float("-inf"))
-        take = x > best  # strict: each lane keeps its first maximum
-        best_idx = tl.where(take, cols, best_idx)
-        best = tl.where(take, x, best)
+        best, best_idx = _keep_better(x, cols, best, best_idx)
     return _lane_argmax(best, best_idx, V)
 
 
@@ -199,16 +204,8 @@ def _gumbel_max(base, q_row, V, inv_temp, m, cut, BLOCK: tl.constexpr):
         x = tl.load(base + cols, mask=cmask, other=float("-inf")) * inv_temp
         q = tl.load(q_row + cols, mask=cmask, other=1.0)
         score = tl.where(x >= cut, (x - m) - tl.log(q), float("-inf"))
-        take = score > best
-        best_idx = tl.where(take, cols, best_idx)
-        best = tl.where(take, score, best)
+        best, best_idx = _keep_better(score, cols, best, best_idx)
     return _lane_argmax(best, best_idx, V)
-
-
-@triton.jit
-def _keep_better(score, cols, best, best_idx):
-    take = score > best
-    return tl.where(take, score, best), tl.where(take, cols, best_idx)
 
 
 @triton.jit
