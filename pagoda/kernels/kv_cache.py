@@ -119,15 +119,24 @@ def _rope_write_kv_kernel(
     h = tl.arange(0, KH_P2)[:, None]
     d = tl.arange(0, DIM_P2)[None, :]
     mask = (h < num_kv_heads) & (d < head_dim)
-    k_base = k_ptr + tok * stride_kt + h * stride_kh
-    k = _rotated_k(k_base, cos_sin_base, d, mask, half, head_dim, k_norm_ptr, eps, IS_NEOX,
-                   QK_NORM)
-    v = tl.load(v_ptr + tok * stride_vt + h * stride_vh + d, mask=mask)
     dst = cache_ptr + (slot // block_size) * stride_c_blk + (slot % block_size) * stride_c_slot \
-        + h * stride_c_head + d
-    ty = cache_ptr.dtype.element_ty
-    tl.store(dst, k.to(k_ptr.dtype.element_ty).to(ty), mask=mask)
-    tl.store(dst + stride_c_kv, v.to(ty), mask=mask)
+        + h * stride_c_head
+    _write_rotated_kv(k_ptr + tok * stride_kt + h * stride_kh,
+                      v_ptr + tok * stride_vt + h * stride_vh, dst, dst + stride_c_kv,
+                      cos_sin_base, d, mask, half, head_dim, k_norm_ptr, eps, IS_NEOX, QK_NORM)
+
+
+@triton.jit
+def _write_rotated_kv(k_rows, v_rows, k_dst, v_dst, cos_sin_base, d, mask, half, head_dim,
+                      norm_ptr, eps, IS_NEOX: tl.constexpr, NORM: tl.constexpr):
+    """One token's k heads (normalised with NORM, then rotated) and v heads into their cache
+    rows; k is rounded to its own dtype first, as the unfused rotary kernel stores it.
+    k_rows/v_rows/k_dst/v_dst: each head's row start, shaped to broadcast with d."""
+    k = _rotated_k(k_rows, cos_sin_base, d, mask, half, head_dim, norm_ptr, eps, IS_NEOX, NORM)
+    v = tl.load(v_rows + d, mask=mask)
+    ty = k_dst.dtype.element_ty
+    tl.store(k_dst + d, k.to(k_rows.dtype.element_ty).to(ty), mask=mask)
+    tl.store(v_dst + d, v.to(ty), mask=mask)
 
 
 def rope_and_write_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,

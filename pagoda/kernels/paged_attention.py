@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagoda.kernels.kv_cache import _rotated_k
+from pagoda.kernels.kv_cache import _rotated_k, _write_rotated_kv
 from pagoda.kernels.pdl import launch_args, wait_then_release
 
 # =0 gives decode the general grid, for A/B runs
@@ -197,13 +197,10 @@ def _write_new_kv(new_k, new_v, cache_k, cache_v, slot, cos_sin, d, d_mask, half
     if slot >= 0:
         row = (slot // block_size).to(tl.int64) * stride_kv_blk \
             + (slot % block_size).to(tl.int64) * stride_kv_slot
-        mask = d_mask[None, :]
-        k = _rotated_k(new_k + tl.zeros([1, 1], tl.int32), cos_sin, d[None, :], mask, half,
-                       head_dim, k_norm_ptr, eps, IS_NEOX, QK_NORM)
-        v = tl.load(new_v + d[None, :], mask=mask)
-        ty = cache_k.dtype.element_ty
-        tl.store(cache_k + row + d[None, :], k.to(new_k.dtype.element_ty).to(ty), mask=mask)
-        tl.store(cache_v + row + d[None, :], v.to(ty), mask=mask)
+        one_head = tl.zeros([1, 1], tl.int32)  # the [heads, 1] row shape the helper takes
+        _write_rotated_kv(new_k + one_head, new_v + one_head, cache_k + row + one_head,
+                          cache_v + row + one_head, cos_sin, d[None, :], d_mask[None, :],
+                          half, head_dim, k_norm_ptr, eps, IS_NEOX, QK_NORM)
     tl.debug_barrier()
 
 
