@@ -211,7 +211,7 @@ def add_linear(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                          f"does not fit an output of {m} x {n} {x.dtype}")
     if not residual.is_contiguous():
         raise ValueError("the residual is updated in place and must be contiguous")
-    block_n = dict(choose_config(n, weight.shape[1]), **(config or {}))["block_n"]
+    block_n = _tiles(weight, x.dtype, config, gated=False)["block_n"]
     sums = torch.empty(m, triton.cdiv(n, block_n), dtype=torch.float32, device=x.device)
     if m:
         _launch(x, weight, bias, config, residual.view(m, n), residual=True, sums_out=sums)
@@ -238,11 +238,8 @@ def _launch(x, weight, bias, config, y, *, act=None, square_sums=None, eps=1e-6,
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
     assert weight.stride(-1) == 1
-    cfg = dict(choose_config(n, k), **(config or {}))
-    if x.dtype == torch.float32 and not config:  # same tile bytes (shared memory) as bf16
-        cfg["block_k"] //= 2
-    # gated: each program reads block_n rows of gate and of up, so halve the chosen tile
-    block_n = max(16, cfg["block_n"] // 2) if act is not None and not config else cfg["block_n"]
+    cfg = _tiles(weight, x.dtype, config, gated=act is not None)
+    block_n = cfg["block_n"]
     n_out = y.shape[1]
     num_parts = square_sums.shape[1] if square_sums is not None else 1
     _skinny_gemm_kernel[(triton.cdiv(n_out, block_n),)](
@@ -255,6 +252,21 @@ def _launch(x, weight, bias, config, y, *, act=None, square_sums=None, eps=1e-6,
         DOT_PREC="ieee" if x.dtype == torch.float32 else None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_args(x.device),
     )
+
+
+def _tiles(weight: torch.Tensor, dtype: torch.dtype, config: Optional[dict], gated: bool
+           ) -> dict:
+    """The launch's tiles: the caller's config as given, else the shape's, with block_k
+    halved in fp32 (the same tile bytes, so shared memory, as bf16) and block_n halved for a
+    gated GEMM (each program reads block_n rows of gate and of up). add_linear sizes its sums
+    of squares, one per program, from the same block_n."""
+    cfg = dict(choose_config(*weight.shape), **(config or {}))
+    if not config:
+        if dtype == torch.float32:
+            cfg["block_k"] //= 2
+        if gated:
+            cfg["block_n"] = max(16, cfg["block_n"] // 2)
+    return cfg
 
 
 def _or(tensor: Optional[torch.Tensor], placeholder: torch.Tensor) -> torch.Tensor:
