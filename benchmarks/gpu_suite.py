@@ -78,16 +78,20 @@ def _graph_gpu_ms(llm, size: int, iters: int = 50) -> float:
     return start.elapsed_time(end) / iters
 
 
+def _profiler_activities() -> list:
+    from torch.profiler import ProfilerActivity
+    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if SIZES["device"] == "cuda"
+                                     else [])
+
+
 def _profile_decode(llm, path: str, tokens: int = 32) -> None:
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import profile
     tokens = min(tokens, SIZES["p1"][1])
     from pagoda import SamplingParams
     params = SamplingParams(max_tokens=tokens, ignore_eos=True, temperature=1.0)
     prompt = [{"prompt_token_ids": list(range(100, 228))}]
     llm.generate(prompt, params, use_tqdm=False)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
-                                           if SIZES["device"] == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=_profiler_activities()) as prof:
         llm.generate(prompt, params, use_tqdm=False)
     averages = prof.key_averages()
     with open(path, "w") as f:
@@ -104,7 +108,7 @@ def _profile_batch_decode(llm, path: str, batch: int, prompt_len: int, steps: in
     tokens are stepped past their prefill; then `steps` decode steps are timed (wall and
     executor time: the rest is host work the lookahead did not hide), and `steps` more run
     under the profiler (per-kernel GPU time to $OUT/`path`)."""
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import profile
     from pagoda import SamplingParams
     from pagoda.benchmarks.recorder import StepRecorder
     engine, vocab = llm.engine, llm.engine.config.model_config.vocab_size
@@ -123,9 +127,7 @@ def _profile_batch_decode(llm, path: str, batch: int, prompt_len: int, steps: in
         engine.step()
     wall_ms = 1000 * (time.perf_counter() - start) / steps
     exec_ms = 1000 * recorder.totals().step_time_s / steps
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
-                                           if SIZES["device"] == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=_profiler_activities()) as prof:
         for _ in range(steps):
             engine.step()
     recorder.detach()
