@@ -3,8 +3,9 @@
 `build_metadata` makes only host-side decisions (from the host copies in the common metadata)
 so a step never waits on the device; `forward` launches two kernels per layer: rotary + KV
 write, and attention (whose split-KV path combines its splits itself). With
-PAGODA_ATTN_ROPE=1 a decode step launches one: the attention kernel rotates q, and this
-step's k on its way into the cache (off until an H200 A/B run says; docs/benchmarks.md).
+the default PAGODA_ATTN_ROPE=1 a decode step launches one: the attention kernel rotates q,
+and this step's k on its way into the cache (4.28 -> 4.22 ms a P1 step on the H200;
+docs/benchmarks.md). PAGODA_ATTN_ROPE=0 keeps the separate rotary + KV-write kernel.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pagoda.kernels.paged_attention import DecodeRope, paged_attention, uses_dec
 # split still gets several key tiles; below these sizes the extra reduce launch costs more.
 _MIN_KEYS_PER_SPLIT = 256
 _MAX_SPLITS = 32
-_ATTN_ROPE = os.environ.get("PAGODA_ATTN_ROPE") == "1"
+_ATTN_ROPE = os.environ.get("PAGODA_ATTN_ROPE", "1") == "1"
 
 
 @lru_cache(maxsize=None)
