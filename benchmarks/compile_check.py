@@ -22,7 +22,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from pagoda.kernels.activation import _act_and_mul_kernel  # noqa: E402
-from pagoda.kernels.kv_cache import _rope_write_kv_kernel  # noqa: E402
+from pagoda.kernels.kv_cache import _copy_slot_kernel, _rope_write_kv_kernel  # noqa: E402
 from pagoda.kernels.layernorm import _rms_norm_kernel  # noqa: E402
 from pagoda.kernels.paged_attention import _attention_kernel  # noqa: E402
 from pagoda.kernels.rotary import _rotary_kernel  # noqa: E402
@@ -55,7 +55,7 @@ def _skinny(**flags) -> dict:
     """The skinny GEMM as Llama-3.1-8B's decode layers launch it (plain: q/k/v's tiles)."""
     return dict(dict(HAS_BIAS=False, NORM=False, PARTS_P2=128, GATED=False, ACT=0,
                      RESIDUAL=False, SUM_SQUARES=False, EVEN_K=True, BLOCK_N=64, BLOCK_K=256,
-                     DOT_PREC="tf32", USE_PDL=True), **flags)
+                     BALANCED=False, DOT_PREC="tf32", USE_PDL=True), **flags)
 
 
 ROPE_TYPES = {"pos_ptr": "*i64", "q_ptr": BF16, "k_ptr": BF16, "v_ptr": BF16,
@@ -74,6 +74,7 @@ CASES = [
     (_skinny_gemm_kernel, _skinny(), SKINNY_TYPES),
     (_skinny_gemm_kernel, _skinny(NORM=True, GATED=True, BLOCK_N=32),
      SKINNY_TYPES),
+    (_skinny_gemm_kernel, _skinny(NORM=True, BALANCED=True), SKINNY_TYPES),  # SKINNY_BALANCE
     (_skinny_gemm_kernel, _skinny(NORM=True, HAS_BIAS=True), SKINNY_TYPES),
     (_skinny_gemm_kernel, _skinny(RESIDUAL=True, SUM_SQUARES=True, BLOCK_N=32, BLOCK_K=512),
      SKINNY_TYPES),
@@ -85,6 +86,9 @@ CASES = [
                                  QK_NORM=False, USE_PDL=True), ROPE_TYPES),
     (_rope_write_kv_kernel, dict(QH_P2=16, KH_P2=8, DIM_P2=128, HALF_P2=64, IS_NEOX=True,
                                  QK_NORM=True, USE_PDL=True), ROPE_TYPES),  # Qwen3-0.6B
+    (_copy_slot_kernel, dict(BLOCK=1024),  # the lookahead's KV move
+     {"cache_ptr": BF16, "src_ptr": "*i64", "dst_ptr": "*i64", "stride_plane": "i64",
+      "stride_blk": "i64"}),
     (_rotary_kernel, dict(QH_P2=32, KH_P2=8, HALF_P2=64, IS_NEOX=True),  # unfused (profiling run)
      {"pos_ptr": "*i64", "q_ptr": BF16, "k_ptr": BF16, "cache_ptr": "*fp32"}),
     (_chunk_best_kernel, dict(NOISE=2, NUM_CHUNKS=16, CHUNK=8192, BLOCK=1024),

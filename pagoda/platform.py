@@ -6,6 +6,7 @@ Models and the engine ask this module instead of testing `torch.cuda` themselves
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 
 import torch
 
@@ -37,6 +38,17 @@ def use_triton_kernels(device: torch.device) -> bool:
     if os.environ.get("PAGODA_DISABLE_TRITON") == "1":
         return False
     return device.type == "cuda"
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors, for kernels that size their grids to fill the GPU. The CPU
+    (Triton's interpreter in tests) reports 4, so the same grid rules run there at tiny shapes."""
+    return _cuda_sms(device.index or 0) if device.type == "cuda" else 4
+
+
+@lru_cache(maxsize=None)
+def _cuda_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def distributed_backend(device: torch.device) -> str:

@@ -76,3 +76,16 @@ def test_rope_and_write_with_qk_norm(neox):
     torch.testing.assert_close(q, want_q, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(cache, want_cache, atol=1e-5, rtol=1e-5)
     assert torch.equal(k, k_before)
+
+
+@pytest.mark.parametrize("heads,dim", [(2, 16), (3, 80), (16, 128)])  # 2048: two passes
+def test_copy_first_slot(heads, dim):
+    """The lookahead's KV move out of scratch blocks: slot 0 of each source block lands in
+    its destination block in every layer's k and v; nothing else changes."""
+    from pagoda.kernels.kv_cache import copy_first_slot
+    kv_all = torch.randn(3, 2, 10, 4, heads, dim)
+    want = kv_all.clone()
+    src, dst = torch.tensor([8, 9, 1]), torch.tensor([2, 5, 7])
+    want[:, :, dst, 0] = kv_all[:, :, src, 0]
+    copy_first_slot(kv_all, src, dst)
+    torch.testing.assert_close(kv_all, want, rtol=0, atol=0)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Optional
 
 import torch
@@ -20,17 +19,13 @@ import torch
 from pagoda.attention.backend import AttentionLayerSpec, CommonAttentionMetadata, Rotary
 from pagoda.kernels.kv_cache import rope_and_write_kv, write_kv_cache
 from pagoda.kernels.paged_attention import DecodeRope, paged_attention, uses_decode_grid
+from pagoda.platform import num_sms
 
 # Split-KV pays off only when one program per (sequence, KV head) leaves most SMs idle and each
 # split still gets several key tiles; below these sizes the extra reduce launch costs more.
 _MIN_KEYS_PER_SPLIT = 256
 _MAX_SPLITS = 32
 _ATTN_ROPE = os.environ.get("PAGODA_ATTN_ROPE", "1") == "1"
-
-
-@lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 @dataclass
@@ -62,11 +57,10 @@ class TritonBackend:
 
     def build_metadata(self, common: CommonAttentionMetadata) -> TritonAttentionMetadata:
         device = common.query_start_loc.device
-        num_sms = _num_sms(device.index or 0) if device.type == "cuda" else 4
         return TritonAttentionMetadata(
             common=common,
             decode_only=common.max_query_len <= 1,
-            num_sms=num_sms,
+            num_sms=num_sms(device),
             force_splits=self.force_splits,
         )
 
