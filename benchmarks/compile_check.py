@@ -91,7 +91,7 @@ CASES = [
       "stride_blk": "i64"}),
     (_rotary_kernel, dict(QH_P2=32, KH_P2=8, HALF_P2=64, IS_NEOX=True),  # unfused (profiling run)
      {"pos_ptr": "*i64", "q_ptr": BF16, "k_ptr": BF16, "cache_ptr": "*fp32"}),
-    (_chunk_best_kernel, dict(NOISE=2, NUM_CHUNKS=16, CHUNK=8192, BLOCK=1024),
+    (_chunk_best_kernel, dict(NOISE=2, BLOCK=1024),
      {"logits_ptr": BF16, "q_ptr": BF16, "temp_ptr": "*fp32", "best_ptr": "*fp32",
       "idx_ptr": "*i32", "greedy_eps": "fp32"}),
     (_sample_kernel, dict(NT=8, ROUNDS=9, BLOCK=1024, SEARCH_BLOCK=512),

@@ -209,13 +209,13 @@ def _gumbel_max(base, q_row, V, inv_temp, m, cut, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _chunk_best_read(logits_row, q_row, lo, V, inv_temp, USE_Q: tl.constexpr,
-                     CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    """(best score, first index) over columns [lo, lo + CHUNK): the raw logit, or with
+def _chunk_best_read(logits_row, q_row, lo, V, inv_temp, chunk, USE_Q: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    """(best score, first index) over columns [lo, lo + chunk): the raw logit, or with
     USE_Q logit * inv_temp - log(q) for the caller's Exp(1) noise q."""
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     best_idx = tl.zeros([BLOCK], tl.int32)
-    for start in range(lo, lo + CHUNK, BLOCK):
+    for start in range(lo, lo + chunk, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         cmask = cols < V
         score = tl.load(logits_row + cols, mask=cmask, other=float("-inf")).to(tl.float32)
@@ -235,8 +235,7 @@ def _gumbel_quarter(logits_row, cols, u, V, inv_temp, best, best_idx):
 
 
 @triton.jit
-def _chunk_best_philox(logits_row, seed, row, lo, V, inv_temp, CHUNK: tl.constexpr,
-                       BLOCK: tl.constexpr):
+def _chunk_best_philox(logits_row, seed, row, lo, V, inv_temp, chunk, BLOCK: tl.constexpr):
     """As _chunk_best_read with the noise drawn here, four uniforms per Philox call: a block
     of 4 x QUARTER columns takes the four outputs of QUARTER counters, a quarter each. (One
     call per column, three of its four outputs unused, made this kernel compute-bound: 200 us
@@ -246,7 +245,7 @@ def _chunk_best_philox(logits_row, seed, row, lo, V, inv_temp, CHUNK: tl.constex
     best = tl.full([QUARTER], float("-inf"), tl.float32)
     best_idx = tl.zeros([QUARTER], tl.int32)
     lanes = tl.arange(0, QUARTER)
-    for start in range(lo, lo + CHUNK, BLOCK):
+    for start in range(lo, lo + chunk, BLOCK):
         u0, u1, u2, u3 = tl.rand4x(seed, (row << 32) + start // 4 + lanes)
         cols = start + lanes
         best, best_idx = _gumbel_quarter(logits_row, cols, u0, V, inv_temp, best, best_idx)
@@ -259,40 +258,42 @@ def _chunk_best_philox(logits_row, seed, row, lo, V, inv_temp, CHUNK: tl.constex
     return tl.max(best, 0), _lane_argmax(best, best_idx, V)
 
 
-@triton.jit
+# The chunk size follows the batch, and the seed every step: as constants or specialised
+# integers they compiled new variants mid-run (a P4 run on the H200 lost ~3 s to compiles
+# as its batch shrank), so they are plain runtime values.
+@triton.jit(do_not_specialize=["seed", "num_chunks", "chunk"])
 def _chunk_best_kernel(logits_ptr, q_ptr, temp_ptr, best_ptr, idx_ptr, V, stride_l, stride_q,
-                       greedy_eps, seed, NOISE: tl.constexpr, NUM_CHUNKS: tl.constexpr,
-                       CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                       greedy_eps, seed, num_chunks, chunk, NOISE: tl.constexpr,
+                       BLOCK: tl.constexpr):
     """Best (score, first index) of one vocabulary chunk of one row: the raw logit for greedy
     rows, logit / temperature - log(q) otherwise (Gumbel-max without the row max, which
     does not move the argmax). q, Exp(1) noise, is read from q_ptr (NOISE=1) or drawn here
     from Philox (NOISE=2), which saves writing and reading a [rows, vocab] noise tensor and
     the kernels that fill it."""
     row = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1)
+    c = tl.program_id(1)
     logits_row = logits_ptr + row * stride_l
     temp = tl.load(temp_ptr + row).to(tl.float32)
     greedy = temp < greedy_eps
     inv_temp = 1.0 / tl.where(greedy, 1.0, temp)
-    lo = chunk * CHUNK
+    lo = c * chunk
     if NOISE == 0 or greedy:
-        m, idx = _chunk_best_read(logits_row, q_ptr, lo, V, 1.0, False, CHUNK, BLOCK)
+        m, idx = _chunk_best_read(logits_row, q_ptr, lo, V, 1.0, chunk, False, BLOCK)
     elif NOISE == 1:
-        m, idx = _chunk_best_read(logits_row, q_ptr + row * stride_q, lo, V, inv_temp, True,
-                                  CHUNK, BLOCK)
+        m, idx = _chunk_best_read(logits_row, q_ptr + row * stride_q, lo, V, inv_temp, chunk,
+                                  True, BLOCK)
     else:
-        m, idx = _chunk_best_philox(logits_row, seed, row, lo, V, inv_temp, CHUNK, BLOCK)
-    tl.store(best_ptr + row * NUM_CHUNKS + chunk, m)
-    tl.store(idx_ptr + row * NUM_CHUNKS + chunk, idx)
+        m, idx = _chunk_best_philox(logits_row, seed, row, lo, V, inv_temp, chunk, BLOCK)
+    tl.store(best_ptr + row * num_chunks + c, m)
+    tl.store(idx_ptr + row * num_chunks + c, idx)
 
 
-@triton.jit
-def _pick_chunk_kernel(best_ptr, idx_ptr, out_ptr, NUM_CHUNKS: tl.constexpr,
-                       CHUNKS_P2: tl.constexpr):
+@triton.jit(do_not_specialize=["num_chunks"])
+def _pick_chunk_kernel(best_ptr, idx_ptr, out_ptr, num_chunks, CHUNKS_P2: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, CHUNKS_P2)
-    best = tl.load(best_ptr + row * NUM_CHUNKS + c, mask=c < NUM_CHUNKS, other=float("-inf"))
-    idx = tl.load(idx_ptr + row * NUM_CHUNKS + c, mask=c < NUM_CHUNKS, other=2**30)
+    best = tl.load(best_ptr + row * num_chunks + c, mask=c < num_chunks, other=float("-inf"))
+    idx = tl.load(idx_ptr + row * num_chunks + c, mask=c < num_chunks, other=2**30)
     m = tl.max(best, 0)
     tl.store(out_ptr + row, tl.min(tl.where(best == m, idx, 2**30), 0).to(tl.int64))
 
@@ -321,10 +322,12 @@ def sample_plain(logits: torch.Tensor, temperature: torch.Tensor,
     _chunk_best_kernel[(num_rows, num_chunks)](
         logits, q if q is not None else logits, temperature, best, idx, vocab,
         logits.stride(0), q.stride(0) if q is not None else 0, _GREEDY_EPS, seed or 0,
-        NOISE=1 if q is not None else 2 if seed is not None else 0, NUM_CHUNKS=num_chunks,
-        CHUNK=chunk, BLOCK=min(chunk, 1024), num_warps=4)
-    _pick_chunk_kernel[(num_rows,)](best, idx, out, NUM_CHUNKS=num_chunks,
-                                    CHUNKS_P2=triton.next_power_of_2(num_chunks))
+        num_chunks, chunk, NOISE=1 if q is not None else 2 if seed is not None else 0,
+        BLOCK=min(chunk, 1024), num_warps=4)
+    # sized for the smallest default chunk, so every batch size shares one compiled variant
+    most_chunks = triton.cdiv(vocab, min(chunk, 1024))
+    _pick_chunk_kernel[(num_rows,)](best, idx, out, num_chunks,
+                                    CHUNKS_P2=triton.next_power_of_2(most_chunks))
     return out
 
 

@@ -234,6 +234,21 @@ def test_plain_sampling_noise_in_kernel():
     assert torch.equal(sample_plain(logits, temp, None, seed=7), got)
 
 
+def test_plain_sampler_compiles_once_for_every_batch():
+    """Batch sizes pick different vocabulary chunks and every step a new seed; neither may
+    compile a new kernel variant mid-run (the H200 P4 run lost ~3 s to that)."""
+    from pagoda.kernels import sampling
+    counts = []
+    for rows in (1, 3, 16, 64, 256, 300):
+        logits = torch.randn(rows, 151936, device=DEV, dtype=BF)
+        temp = torch.full((rows,), 0.6, device=DEV)
+        sampling.sample_plain(logits, temp, None, seed=rows * 7919 + 16)
+        counts.append(tuple(len(kernel.device_caches[torch.cuda.current_device()][0])
+                            for kernel in (sampling._chunk_best_kernel,
+                                           sampling._pick_chunk_kernel)))
+    assert counts[-1] == counts[0], counts
+
+
 def test_sampling_real_vocab():
     from pagoda.kernels.sampling import sample
     from tests.kernels.test_sampling import ref_sample

@@ -201,6 +201,28 @@ def test_rotary_fused_into_kv_write(neox, rotary_dim, attn_rope):
         run_both(make_layer(4, 2, 32), rope=rope, **case)
 
 
+def test_large_decode_batches_rotate_in_the_kv_write(monkeypatch):
+    """Above _ATTN_ROPE_MAX_BATCH sequences the separate rotary + KV-write kernel runs (it
+    is cheaper there); the results are the same either way."""
+    from types import SimpleNamespace
+    import pagoda.attention.backends.triton as triton_backend
+    from pagoda.layers.rotary import RotaryEmbedding
+    monkeypatch.setattr(triton_backend, "_ATTN_ROPE", True)
+    monkeypatch.setattr(triton_backend, "_ATTN_ROPE_MAX_BATCH", 2)
+    calls, attend = [], triton_backend.paged_attention
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs.get("decode_rope"))
+        return attend(*args, **kwargs)
+
+    monkeypatch.setattr(triton_backend, "paged_attention", recording)
+    rope = RotaryEmbedding(SimpleNamespace(rope_theta=10000.0), 32, 32, 64, True)
+    run_both(make_layer(4, 2, 32), [(10, 1), (30, 1)], rope=rope)
+    assert calls[-1] is not None  # two sequences: in the attention kernel
+    run_both(make_layer(4, 2, 32), **DECODE_ROPE_CASES[0], rope=rope)
+    assert calls[-1] is None  # three (plus padding): in the KV-write kernel
+
+
 def test_qk_norm_fused_into_kv_write(attn_rope):
     """Qwen3's per-head q/k norms: fused into the KV write with the rotation (decode, chunks,
     padding), and applied unfused where the Triton backend cannot fuse them (no cache)."""

@@ -3,9 +3,10 @@
 `build_metadata` makes only host-side decisions (from the host copies in the common metadata)
 so a step never waits on the device; `forward` launches two kernels per layer: rotary + KV
 write, and attention (whose split-KV path combines its splits itself). With
-the default PAGODA_ATTN_ROPE=1 a decode step launches one: the attention kernel rotates q,
-and this step's k on its way into the cache (4.28 -> 4.22 ms a P1 step on the H200;
-docs/benchmarks.md). PAGODA_ATTN_ROPE=0 keeps the separate rotary + KV-write kernel.
+the default PAGODA_ATTN_ROPE=1 a decode step of up to 64 sequences launches one: the
+attention kernel rotates q, and this step's k on its way into the cache (4.28 -> 4.22 ms a
+P1 step on the H200; docs/benchmarks.md). PAGODA_ATTN_ROPE=0 keeps the separate rotary +
+KV-write kernel at every batch.
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ from pagoda.platform import num_sms
 _MIN_KEYS_PER_SPLIT = 256
 _MAX_SPLITS = 32
 _ATTN_ROPE = os.environ.get("PAGODA_ATTN_ROPE", "1") == "1"
+# Above this decode batch the separate rotary + KV-write kernel wins again: its launch is
+# amortised, while the extra work in each attention program is not (H200, graph ms a step:
+# Llama-3.1-8B batch 64 4.97 in-attention vs 5.00, batch 256 7.32 vs 7.25; Qwen3-0.6B
+# batch 256 attention 214 vs 207 us a layer against a 3.7 us rotary kernel).
+_ATTN_ROPE_MAX_BATCH = 64
 
 
 @dataclass
@@ -84,7 +90,7 @@ class TritonBackend:
             # Padded tokens carry slot -1 and are skipped by the kernel, so the whole
             # (possibly CUDA-graph padded) batch is passed without slicing on the host.
             n = min(k.shape[0], common.slot_mapping.shape[0])
-            if (fuse_rotary and _ATTN_ROPE
+            if (fuse_rotary and _ATTN_ROPE and common.num_reqs <= _ATTN_ROPE_MAX_BATCH
                     and uses_decode_grid(q.shape[0], common.num_reqs, common.max_query_len)):
                 # the attention kernel rotates q, and k on its way into the cache
                 rope = rotary.rope
