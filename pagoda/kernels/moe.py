@@ -29,7 +29,7 @@ import triton.language as tl
 from torch import nn
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "num_rows_bound"])  # per-step counts
 def _grouped_gemm_kernel(
     a_ptr, b_ptr, c_ptr, topk_weights_ptr,
     sorted_ids_ptr, expert_ids_ptr, num_padded_ptr,
@@ -83,7 +83,7 @@ def _grouped_gemm_kernel(
              mask=row_mask[:, None] & (offs_n[None, :] < N))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "num_rows", "num_blocks"])
 def _align_kernel(ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr,
                   num_pairs, num_experts, num_rows, num_blocks,
                   BLOCK_M: tl.constexpr, E_P2: tl.constexpr, CHUNK: tl.constexpr):

@@ -204,7 +204,9 @@ def _write_new_kv(new_k, new_v, cache_k, cache_v, slot, cos_sin, d, d_mask, half
     tl.debug_barrier()
 
 
-@triton.jit
+# The batch size varies every step: specialising it (1, multiples of 16, the rest) compiled
+# new variants in the middle of a run (docs/benchmarks.md, 2026-11-30).
+@triton.jit(do_not_specialize=["num_seqs"])
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, part_acc_ptr, part_ml_ptr, counter_ptr,
     block_table_ptr, seq_lens_ptr, query_start_ptr, alibi_ptr,

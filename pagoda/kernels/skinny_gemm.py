@@ -70,7 +70,7 @@ def _epilogue(acc, up, inv_rms, b_ptr, r_ptr, rows, cols, col_mask, out_mask, N,
     return acc.to(out_dtype)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # decode rows: one compiled variant for 1..16
 def _skinny_gemm_kernel(
     x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, s_in_ptr, s_out_ptr, M, N, K, stride_xm,
     stride_wn, stride_rm, stride_ym, num_parts, eps, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,

@@ -210,6 +210,48 @@ def test_steps_make_no_synchronizing_calls(tiny_llama_gpu_path):
     assert not syncs, syncs[:5]
 
 
+def _compiled_variants() -> dict[str, int]:
+    """Compiled variants of every Triton function in pagoda.kernels, on every device."""
+    import importlib
+    import pkgutil
+    import pagoda.kernels
+    from triton.runtime.jit import JITFunction
+    counts = {}
+    for info in pkgutil.iter_modules(pagoda.kernels.__path__):
+        module = importlib.import_module(f"pagoda.kernels.{info.name}")
+        for name, obj in vars(module).items():
+            if isinstance(obj, JITFunction):
+                counts[f"{info.name}.{name}"] = sum(len(caches[0]) for caches
+                                                    in obj.device_caches.values())
+    return counts
+
+
+@gpu
+def test_no_kernel_compiles_after_warmup(tiny_llama_gpu_path):
+    """After a first generate, other batch sizes, prompt lengths, output lengths and seeds
+    compile nothing: a compile mid-run stalls every request in flight (on the H200's host,
+    ~1 s; a P4 run lost 3 s to the sampler's per-batch variants)."""
+    warm = make_prompts(384, lengths=(5, 20, 33), seed=6)
+    mixes = [(make_prompts(384, lengths=(1,), seed=7), [50]),
+             (make_prompts(384, lengths=(3, 9, 17, 30, 64, 2, 11, 45, 7, 90, 12, 26, 4),
+                           seed=8), [5 + 7 * i for i in range(13)]),
+             (make_prompts(384, lengths=tuple(range(2, 42)), seed=9), [20] * 40)]
+
+    def run(llm):
+        for temperature in (0.0, 0.7):
+            _generate(llm, warm, 8, temperature=temperature)
+        before = _compiled_variants()
+        for prompts, lens in mixes:
+            for temperature in (0.0, 0.7):
+                _generate(llm, prompts, lens, temperature=temperature)
+        after = _compiled_variants()
+        return {name: (before.get(name, 0), n) for name, n in after.items()
+                if n != before.get(name, 0)}
+
+    new = _with_llm(tiny_llama_gpu_path, run, dtype="bfloat16")
+    assert not new, new  # kernel: (variants after the warm-up, after the mixes)
+
+
 def _fake_graphs(runner) -> None:
     """CPU stand-in for capture: 'replaying' size s runs the model eagerly on the first s
     entries of the persistent buffers, exactly the inputs a captured graph would read."""

@@ -256,6 +256,10 @@ def test_registry_and_split_heuristic():
     assert built.num_splits(num_kv_heads=8) == 1  # 16 programs already fill it
     meta_long = make_batch([(0, 9), (5, 1)], 16, 10)
     assert backend.build_metadata(meta_long).num_splits(8) == 1  # prefill: never split
+    # a power of 2 (a compile-time constant): 3 by length becomes 2
+    one = make_batch([(900, 1)], 16, 100)
+    one.max_seq_len = 901
+    assert backend.build_metadata(one).num_splits(num_kv_heads=1) == 2
 
 
 @pytest.mark.parametrize("trial", range(3))

@@ -50,7 +50,9 @@ class TritonAttentionMetadata:
         by_occupancy = (2 * self.num_sms) // programs
         by_length = self.common.max_seq_len // _MIN_KEYS_PER_SPLIT
         splits = min(_MAX_SPLITS, by_occupancy, by_length)
-        return splits if splits >= 2 else 1
+        # a power of 2: the split count is a compile-time constant, and an eager run whose
+        # contexts grow would otherwise compile a variant every 256 tokens, up to 31 of them
+        return 1 << (splits.bit_length() - 1) if splits >= 2 else 1
 
 
 class TritonBackend:
