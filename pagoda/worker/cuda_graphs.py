@@ -194,6 +194,14 @@ class DecodeLookahead:
         self.num_scratch = num_scratch  # scratch blocks sit after the scheduler's blocks
         self.pending: Optional[Lookahead] = None
 
+    def warm_up(self) -> None:
+        """Compile the KV move out of scratch blocks before serving: its first use comes at
+        the first block crossing, mid-run. Moves the first scratch block onto itself."""
+        r = self.r
+        if self.num_scratch and r.kv_all is not None:
+            first = np.array([r.num_kv_blocks])
+            _copy_slot0(r.kv_all, first, first, r.device)
+
     def launch(self, req_ids: list[str], rows: np.ndarray, live: np.ndarray,
                positions: np.ndarray, size: int, md: Any, input_ids: torch.Tensor) -> None:
         r, buf, bs = self.r, self.r.buffers, self.r.block_size
