@@ -55,7 +55,7 @@ def _skinny(**flags) -> dict:
     """The skinny GEMM as Llama-3.1-8B's decode layers launch it (plain: q/k/v's tiles)."""
     return dict(dict(HAS_BIAS=False, NORM=False, PARTS_P2=128, GATED=False, ACT=0,
                      RESIDUAL=False, SUM_SQUARES=False, EVEN_K=True, BLOCK_N=64, BLOCK_K=256,
-                     BALANCED=False, DOT_PREC="tf32", USE_PDL=True), **flags)
+                     DOT_PREC="tf32", USE_PDL=True), **flags)
 
 
 ROPE_TYPES = {"pos_ptr": "*i64", "q_ptr": BF16, "k_ptr": BF16, "v_ptr": BF16,
@@ -74,7 +74,6 @@ CASES = [
     (_skinny_gemm_kernel, _skinny(), SKINNY_TYPES),
     (_skinny_gemm_kernel, _skinny(NORM=True, GATED=True, BLOCK_N=32),
      SKINNY_TYPES),
-    (_skinny_gemm_kernel, _skinny(NORM=True, BALANCED=True), SKINNY_TYPES),  # SKINNY_BALANCE
     (_skinny_gemm_kernel, _skinny(NORM=True, HAS_BIAS=True), SKINNY_TYPES),
     (_skinny_gemm_kernel, _skinny(RESIDUAL=True, SUM_SQUARES=True, BLOCK_N=32, BLOCK_K=512),
      SKINNY_TYPES),

@@ -84,6 +84,15 @@ benchmarks() {
   for name in ${STAGES:-ceilings llama p4 hf}; do stage "$name" "${LIMIT[$name]}"; done
 }
 NUM_GPUS=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU")
+rm -f "$OUT/quiet_part_done"  # gpu_suite.py's QUIET_MARKER
+tests_after_quiet_part() {  # waits for the marker, or for the llama stage to end without it
+  if [ "${SKIP_BENCHMARKS:-0}" != "1" ] && [[ " ${STAGES:-llama} " == *" llama "* ]]; then
+    for _ in $(seq "${QUIET_WAIT:-200}"); do
+      [ -f "$OUT/quiet_part_done" ] || grep -q "stage llama rc=" "$LOG" && break; sleep 1
+    done
+  fi
+  all_tests
+}
 # AB="NAME=VALUE[,NAME=VALUE];...": P1 as is and with each setting, first and alone (no
 # tests beside it), each in its own process.
 if [ -n "${AB:-}" ]; then CUDA_VISIBLE_DEVICES=0 stage ab 600; fi
@@ -92,8 +101,9 @@ if [ "${SKIP_TESTS:-0}" = "1" ]; then
 elif [ "$NUM_GPUS" -ge 2 ]; then
   # Two GPUs (kind nvidia-h200-x2): the tests run on the second while the benchmarks run on
   # the first, then the tensor-parallel test takes both. The tests' Triton compiles share
-  # the host CPU with the benchmarks; docs/benchmarks.md says which runs were made so.
-  CUDA_VISIBLE_DEVICES=1 all_tests &
+  # the host CPU with the benchmarks, so they start only once the llama stage has measured
+  # P1, P2 and the graph times (its marker file; at most QUIET_WAIT seconds).
+  CUDA_VISIBLE_DEVICES=1 tests_after_quiet_part &
   CUDA_VISIBLE_DEVICES=0 benchmarks
   wait
   run_tests tp "${TP_TIMEOUT:-120}" tests/gpu/test_tp_gpu.py

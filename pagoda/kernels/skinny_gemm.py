@@ -21,7 +21,6 @@ import triton.language as tl
 
 from pagoda.kernels.activation import _ACTS, _act
 from pagoda.kernels.pdl import launch_args, wait_then_release
-from pagoda.platform import num_sms
 
 MAX_ROWS = 16
 # PAGODA_SKINNY_ALL=1 routes every half-precision decode projection here, gate_up included:
@@ -29,11 +28,6 @@ MAX_ROWS = 16
 # cuBLAS kernel also breaks the launch overlap on both sides. Measured on Llama-3.1-8B P1
 # (H200, 2026-11-29): 4.44 against 4.40 ms a step, so it stays off; kept for A/B runs.
 _ALL_SHAPES = os.environ.get("PAGODA_SKINNY_ALL") == "1"
-# PAGODA_SKINNY_BALANCE=1 spreads the output columns evenly over whole waves of SMs instead
-# of one BLOCK_N tile a program: Llama-3.1-8B's q/k/v is 96 tiles of 64 on 132 SMs (a
-# quarter of them idle), gate_up 448 tiles (3.4 waves). Each program then owns a ragged
-# range of at most BLOCK_N columns; masked rows of a tile cost no memory traffic.
-_BALANCE = os.environ.get("PAGODA_SKINNY_BALANCE") == "1"
 
 
 @triton.jit
@@ -76,21 +70,13 @@ def _skinny_gemm_kernel(
     stride_wn, stride_rm, stride_ym, num_parts, eps, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
     PARTS_P2: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr,
     SUM_SQUARES: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, BALANCED: tl.constexpr, DOT_PREC: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     wait_then_release(USE_PDL)
-    pid = tl.program_id(0)
-    if BALANCED:  # columns [pid * N // P, (pid + 1) * N // P), at most BLOCK_N of them
-        start = pid * N // tl.num_programs(0)
-        end = (pid + 1) * N // tl.num_programs(0)
-    else:
-        start = pid * BLOCK_N
-        end = N
-    cols = start + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.arange(0, 16)
     ks = tl.arange(0, BLOCK_K)
-    col_mask = cols < end
+    col_mask = cols < N
     row_mask = rows < M
     inv_rms = tl.zeros([16], tl.float32)
     if NORM:  # loaded before the loop, which then only streams x and w into the dots
@@ -202,7 +188,9 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     early lost every time (decode graph at batch 1, docs/benchmarks.md): the first tile loaded
     before the PDL wait (4.19 against 4.15 ms), o_proj's weight prefetched into L2 during
     attention, each program's first 1-6 tiles prefetched into L2 before the wait (4.12-5.17
-    against 4.05), and weight tiles through TMA (4.18 against 4.05)."""
+    against 4.05), and weight tiles through TMA (4.18 against 4.05). Nor did spreading the
+    columns in ragged ranges over whole waves of SMs (q/k/v on 132 programs instead of 96
+    tiles): 4.19 against 4.17 ms a P1 step."""
     m, n_out = _check(x, weight, act)
     if square_sums is not None and (square_sums.shape[0] != m or square_sums.dim() != 2
                                     or not square_sums.is_contiguous()):
@@ -226,8 +214,7 @@ def add_linear(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     if not residual.is_contiguous():
         raise ValueError("the residual is updated in place and must be contiguous")
     block_n = _tiles(weight, x.dtype, config, gated=False)["block_n"]
-    sums = torch.empty(m, _num_programs(n, block_n, x.device), dtype=torch.float32,
-                       device=x.device)
+    sums = torch.empty(m, triton.cdiv(n, block_n), dtype=torch.float32, device=x.device)
     if m:
         _launch(x, weight, bias, config, residual.view(m, n), residual=True, sums_out=sums)
     return sums
@@ -257,26 +244,16 @@ def _launch(x, weight, bias, config, y, *, act=None, square_sums=None, eps=1e-6,
     block_n = cfg["block_n"]
     n_out = y.shape[1]
     num_parts = square_sums.shape[1] if square_sums is not None else 1
-    _skinny_gemm_kernel[(_num_programs(n_out, block_n, x.device),)](
+    _skinny_gemm_kernel[(triton.cdiv(n_out, block_n),)](
         x2d, weight, _or(bias, weight), y, y, _or(square_sums, y), _or(sums_out, y),
         x2d.shape[0], n_out, k, x2d.stride(0), weight.stride(0), y.stride(0), y.stride(0),
         num_parts, eps, HAS_BIAS=bias is not None, NORM=square_sums is not None,
         PARTS_P2=triton.next_power_of_2(num_parts), GATED=act is not None,
         ACT=_ACTS[act or "silu"], RESIDUAL=residual, SUM_SQUARES=sums_out is not None,
         EVEN_K=k % cfg["block_k"] == 0, BLOCK_N=block_n, BLOCK_K=cfg["block_k"],
-        BALANCED=_BALANCE, DOT_PREC="ieee" if x.dtype == torch.float32 else None,
+        DOT_PREC="ieee" if x.dtype == torch.float32 else None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_args(x.device),
     )
-
-
-def _num_programs(n_out: int, block_n: int, device: torch.device) -> int:
-    """One program a tile of block_n columns; balanced, as many as the tiles' whole waves
-    of SMs hold (never more than the columns), so no program gets more than block_n."""
-    tiles = triton.cdiv(n_out, block_n)
-    if not _BALANCE:
-        return tiles
-    sms = num_sms(device)
-    return max(tiles, min(triton.cdiv(tiles, sms) * sms, n_out))
 
 
 def _tiles(weight: torch.Tensor, dtype: torch.dtype, config: Optional[dict], gated: bool
