@@ -10,6 +10,7 @@ import torch
 from pagoda.config import EngineConfig
 from pagoda.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from pagoda.worker.model_runner import ModelRunner
+from pagoda.worker.warm_up import warm_up
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,8 @@ class Worker:
         self.config.cache_config.num_blocks = num_blocks
         self.runner.initialize_kv_cache(num_blocks)
         self.runner.capture_cudagraphs()
+        if self.config.device.type == "cuda":  # the CPU path compiles nothing
+            warm_up(self.runner)
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute_model(sched)

@@ -227,29 +227,30 @@ def _compiled_variants() -> dict[str, int]:
 
 
 @gpu
-def test_no_kernel_compiles_after_warmup(tiny_llama_gpu_path):
-    """After a first generate, other batch sizes, prompt lengths, output lengths and seeds
-    compile nothing: a compile mid-run stalls every request in flight (on the H200's host,
-    ~1 s; a P4 run lost 3 s to the sampler's per-batch variants)."""
-    warm = make_prompts(384, lengths=(5, 20, 33), seed=6)
+def test_no_kernel_compiles_after_startup(tiny_llama_gpu_path):
+    """Once the engine is up (graph capture and worker/warm_up.py), requests of any batch
+    size, prompt length, output length and sampling kind compile nothing: a compile mid-run
+    stalls every request in flight (on the H200's host ~1 s; a P4 run lost 3 s to the
+    sampler's per-batch variants)."""
     mixes = [(make_prompts(384, lengths=(1, 2, 3), seed=7)[:1], [50]),
              (make_prompts(384, lengths=(3, 9, 17, 30, 64, 2, 11, 45, 7, 90, 12, 26, 4),
                            seed=8), [5 + 7 * i for i in range(13)]),
              (make_prompts(384, lengths=tuple(range(2, 42)), seed=9), [20] * 40)]
+    kinds = [dict(), dict(temperature=0.7), dict(temperature=0.7, seed=3),
+             dict(temperature=0.7, top_p=0.9, top_k=20), dict(repetition_penalty=1.1),
+             dict(temperature=0.7, presence_penalty=0.5, logprobs=2)]
 
     def run(llm):
-        for temperature in (0.0, 0.7):
-            _generate(llm, warm, 8, temperature=temperature)
         before = _compiled_variants()
         for prompts, lens in mixes:
-            for temperature in (0.0, 0.7):
-                _generate(llm, prompts, lens, temperature=temperature)
+            for kind in kinds:
+                _generate(llm, prompts, lens, **kind)
         after = _compiled_variants()
         return {name: (before.get(name, 0), n) for name, n in after.items()
                 if n != before.get(name, 0)}
 
     new = _with_llm(tiny_llama_gpu_path, run, dtype="bfloat16")
-    assert not new, new  # kernel: (variants after the warm-up, after the mixes)
+    assert not new, new  # kernel: (variants at start-up, after the requests)
 
 
 def _fake_graphs(runner) -> None:
