@@ -5,8 +5,8 @@ A compile in the middle of serving stalls every request in flight: about a secon
 H200's host per kernel variant, and a P4 run lost 3 s to the sampler's alone
 (docs/benchmarks.md, 2026-11-30). So the worker runs a few real steps of dummy requests
 through `ModelRunner.execute_model` at start-up: a prefill of more rows than the skinny GEMM
-takes, then a mixed step (a new prompt beside two decoding requests) of fewer, once per
-sampler path. Their KV lands in the first few blocks, which the scheduler has not handed
+takes, a mixed step (a new prompt beside two decoding requests) of fewer, and a decode step
+(a CUDA graph, or with enforce_eager the eager decode grid), once per sampler path. Their KV lands in the first few blocks, which the scheduler has not handed
 out yet; each request writes its own KV before it reads any, so nothing stale is read later.
 """
 
@@ -48,16 +48,20 @@ def warm_up(runner: Any) -> None:
         runner.execute_model(_step([new["late"]], decoding,
                                    {ids["long"]: 1, ids["short"]: 1,
                                     ids["late"]: PROMPTS["late"]}))
+        done = {"long": PROMPTS["long"] + 1, "short": PROMPTS["short"] + 1,
+                "late": PROMPTS["late"]}
+        runner.execute_model(_step([], [CachedRequestData(ids[name], [], done[name])
+                                        for name in PROMPTS], {ids[name]: 1 for name in PROMPTS}))
         finished = _step([], [], {})
         finished.finished_req_ids = set(ids.values())
         runner.execute_model(finished)
 
 
 def _block_ids(block_size: int) -> dict[str, list[int]]:
-    """Consecutive blocks from 0, enough for each prompt and its one decoded token."""
+    """Consecutive blocks from 0, enough for each prompt and two decoded tokens."""
     result, next_id = {}, 0
     for name, length in PROMPTS.items():
-        count = -(-(length + 1) // block_size)
+        count = -(-(length + 2) // block_size)
         result[name] = list(range(next_id, next_id + count))
         next_id += count
     return result

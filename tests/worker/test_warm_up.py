@@ -38,7 +38,8 @@ def test_warm_up_leaves_no_trace(tiny_llama_path, monkeypatch):
     monkeypatch.setattr(runner, "execute_model", counting)
     warm_up_module.warm_up(runner)  # as the worker does on CUDA, before any request
     monkeypatch.undo()
-    # per sampler path: a 23-token prefill sampling 2, a 7-token mixed step sampling 3, the end
-    assert steps == [(23, 2), (7, 3), (0, 0)] * len(warm_up_module.SAMPLER_PATHS)
+    # per sampler path: a 23-token prefill sampling 2, a 7-token mixed step sampling 3, a
+    # decode step, the end
+    assert steps == [(23, 2), (7, 3), (3, 3), (0, 0)] * len(warm_up_module.SAMPLER_PATHS)
     assert not runner.batch.states and runner.lookahead.pending is None
     assert _generate(warmed) == want
