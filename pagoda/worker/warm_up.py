@@ -6,8 +6,10 @@ H200's host per kernel variant, and a P4 run lost 3 s to the sampler's alone
 (docs/benchmarks.md, 2026-11-30). So the worker runs a few real steps of dummy requests
 through `ModelRunner.execute_model` at start-up: a prefill of more rows than the skinny GEMM
 takes, a mixed step (a new prompt beside two decoding requests) of fewer, and a decode step
-(a CUDA graph, or with enforce_eager the eager decode grid), once per sampler path. Their KV lands in the first few blocks, which the scheduler has not handed
-out yet; each request writes its own KV before it reads any, so nothing stale is read later.
+(a CUDA graph, or with enforce_eager the eager decode grid), once per sampler path.
+Their KV lands in the first few blocks, which the scheduler has not handed out yet (so this
+runs only before the first request); each request writes its own KV before it reads any,
+so nothing stale is read later.
 """
 
 from __future__ import annotations
