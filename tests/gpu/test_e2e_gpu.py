@@ -275,6 +275,7 @@ def test_cpu_padded_decode_and_lookahead(tiny_llama_path, monkeypatch, attn_rope
     from pagoda import LLM
     from pagoda.attention.backends import triton as triton_backend
     from pagoda.worker import cuda_graphs
+    from pagoda.worker.warm_up import warm_up
     monkeypatch.setenv("PAGODA_ATTENTION_BACKEND", "triton")
     monkeypatch.setattr(triton_backend, "_ATTN_ROPE", attn_rope)
     prompts = make_prompts(384, lengths=(3, 17, 40, 5, 9, 30))
@@ -294,8 +295,9 @@ def test_cpu_padded_decode_and_lookahead(tiny_llama_path, monkeypatch, attn_rope
         monkeypatch.setenv("PAGODA_LOOKAHEAD", "force" if emulate else "0")
         llm = LLM(tiny_llama_path, device="cpu", dtype="float32", max_model_len=256,
                   max_num_seqs=8)
-        if emulate:
+        if emulate:  # as a CUDA worker starts: capture, then the warm-up's dummy steps
             _fake_graphs(llm.engine.core.executor.worker.runner)
+            warm_up(llm.engine.core.executor.worker.runner)
         results.append([list(o.token_ids) for o in _generate(llm, prompts, lens)])
         del llm
     assert results[0] == results[1]
