@@ -227,6 +227,21 @@ def test_plain_sampling_noise_in_kernel():
     assert torch.equal(sample_plain(logits, temp, None, seed=7), got)
 
 
+def test_copy_first_slot_beyond_32_bit_offsets():
+    """The lookahead's KV move on a cache of more than 2^31 elements (Llama-3.1-8B's layer
+    shape, 2100 blocks), where the last planes' offsets need 64-bit arithmetic: slot 0 of
+    each source block lands in its destination block in every layer; nothing else moves."""
+    from pagoda.kernels.kv_cache import copy_first_slot
+    kv_all = torch.randn(32, 2, 2100, 16, 8, 128, device=DEV, dtype=BF)
+    assert kv_all.numel() > 2**31
+    src = torch.tensor([2099, 7, 1500], device=DEV)
+    dst = torch.tensor([0, 2098, 1024], device=DEV)
+    want = kv_all.clone()
+    want[:, :, dst, 0] = kv_all[:, :, src, 0]
+    copy_first_slot(kv_all, src, dst)
+    assert torch.equal(kv_all, want)
+
+
 def test_plain_sampler_compiles_once_for_every_batch():
     """Batch sizes pick different vocabulary chunks and every step a new seed; neither may
     compile a new kernel variant mid-run (the H200 P4 run lost ~3 s to that)."""
