@@ -36,8 +36,8 @@ PROMPTS = {"long": 20, "short": 3, "late": 5}
 
 def warm_up(runner: Any) -> None:
     blocks = _block_ids(runner.block_size)
-    if sum(len(ids) for ids in blocks.values()) > runner.num_kv_blocks:
-        return  # a cache this small is a test's; there is nothing to warm
+    if not _fits(runner, sum(len(ids) for ids in blocks.values())):
+        return  # an engine this small keeps its first-use compiles
     for i, path in enumerate(SAMPLER_PATHS):
         params = SamplingParams(max_tokens=4, **path)
         ids = {name: f"warm-up-{i}-{name}" for name in PROMPTS}
@@ -57,6 +57,15 @@ def warm_up(runner: Any) -> None:
         finished = _step([], [], {})
         finished.finished_req_ids = set(ids.values())
         runner.execute_model(finished)
+
+
+def _fits(runner: Any, num_blocks: int) -> bool:
+    """Whether the dummy steps fit the engine's limits: its KV blocks, batch rows, step
+    tokens and sequence length (the persistent step buffers are sized by these)."""
+    sched = runner.config.scheduler_config
+    return (num_blocks <= runner.num_kv_blocks and sched.max_num_seqs >= len(PROMPTS)
+            and sched.max_num_batched_tokens >= PROMPTS["long"] + PROMPTS["short"]
+            and runner.max_model_len >= PROMPTS["long"] + 2)
 
 
 def _block_ids(block_size: int) -> dict[str, list[int]]:

@@ -3,6 +3,8 @@ must leave nothing behind: no request state, and the same tokens from the reques
 
 from __future__ import annotations
 
+import pytest
+
 from pagoda import LLM, SamplingParams
 from pagoda.worker import warm_up as warm_up_module
 from tests.models.harness import make_prompts
@@ -43,3 +45,14 @@ def test_warm_up_leaves_no_trace(tiny_llama_path, monkeypatch):
     assert steps == [(23, 2), (7, 3), (3, 3), (0, 0)] * len(warm_up_module.SAMPLER_PATHS)
     assert not runner.batch.states and runner.lookahead.pending is None
     assert _generate(warmed) == want
+
+
+def test_warm_up_skips_engines_too_small_for_it(tiny_llama_path, monkeypatch):
+    """Two sequences a step (or a step of 16 tokens) cannot hold the dummy batches: no step
+    runs, rather than one that overflows the step buffers."""
+    for limits in (dict(max_num_seqs=2), dict(max_num_batched_tokens=16, max_model_len=16)):
+        llm = LLM(tiny_llama_path, dtype="float32", **{"max_model_len": 256, **limits})
+        runner = llm.engine.core.executor.worker.runner
+        monkeypatch.setattr(runner, "execute_model", lambda sched: pytest.fail("ran a step"))
+        warm_up_module.warm_up(runner)
+        monkeypatch.undo()
