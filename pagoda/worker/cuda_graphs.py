@@ -195,8 +195,9 @@ class DecodeLookahead:
         self.pending: Optional[Lookahead] = None
 
     def warm_up(self) -> None:
-        """Compile the KV move out of scratch blocks before serving: its first use comes at
-        the first block crossing, mid-run. Moves the first scratch block onto itself."""
+        """Compile the KV move out of scratch blocks before serving (worker/warm_up.py): its
+        first use comes at the first block crossing, mid-run. Moves the first scratch block
+        onto itself."""
         r = self.r
         if self.num_scratch and r.kv_all is not None:
             first = np.array([r.num_kv_blocks])

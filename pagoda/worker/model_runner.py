@@ -135,7 +135,6 @@ class ModelRunner:
             return
         self.buffers.set_dummy_decode(self.graphs.sizes[-1])
         self.graphs.capture(self._graph_forward)
-        self.lookahead.warm_up()
 
     def _graph_forward(self, size: int) -> torch.Tensor:
         buf = self.buffers
