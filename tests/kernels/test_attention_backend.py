@@ -164,20 +164,26 @@ def test_cuda_graph_padding():
     run_both(make_layer(4, 2, 32), [(10, 1), (40, 1)], pad_tokens=3, pad_reqs=3, splits=4)
 
 
-@pytest.fixture(params=[False, True], ids=["kv-write", "in-attention"])
-def attn_rope(request, monkeypatch):
-    """Where decode steps rotate: the KV-write kernel, or (PAGODA_ATTN_ROPE=1) the attention
-    kernel itself. Yields the list of decode_rope arguments attention was called with."""
+def record_decode_rope(monkeypatch) -> list:
+    """The decode_rope argument of every paged_attention call the Triton backend makes."""
     import pagoda.attention.backends.triton as triton_backend
-    monkeypatch.setattr(triton_backend, "_ATTN_ROPE", request.param)
-    calls = []
-    attend = triton_backend.paged_attention
+    calls, attend = [], triton_backend.paged_attention
 
     def recording(*args, **kwargs):
         calls.append(kwargs.get("decode_rope"))
         return attend(*args, **kwargs)
 
     monkeypatch.setattr(triton_backend, "paged_attention", recording)
+    return calls
+
+
+@pytest.fixture(params=[False, True], ids=["kv-write", "in-attention"])
+def attn_rope(request, monkeypatch):
+    """Where decode steps rotate: the KV-write kernel, or (PAGODA_ATTN_ROPE=1) the attention
+    kernel itself. Yields the list of decode_rope arguments attention was called with."""
+    import pagoda.attention.backends.triton as triton_backend
+    monkeypatch.setattr(triton_backend, "_ATTN_ROPE", request.param)
+    calls = record_decode_rope(monkeypatch)
     yield calls
     if request.param:  # the decode batches below took the in-attention path
         assert any(call is not None for call in calls)
@@ -209,13 +215,7 @@ def test_large_decode_batches_rotate_in_the_kv_write(monkeypatch):
     from pagoda.layers.rotary import RotaryEmbedding
     monkeypatch.setattr(triton_backend, "_ATTN_ROPE", True)
     monkeypatch.setattr(triton_backend, "_ATTN_ROPE_MAX_BATCH", 2)
-    calls, attend = [], triton_backend.paged_attention
-
-    def recording(*args, **kwargs):
-        calls.append(kwargs.get("decode_rope"))
-        return attend(*args, **kwargs)
-
-    monkeypatch.setattr(triton_backend, "paged_attention", recording)
+    calls = record_decode_rope(monkeypatch)
     rope = RotaryEmbedding(SimpleNamespace(rope_theta=10000.0), 32, 32, 64, True)
     run_both(make_layer(4, 2, 32), [(10, 1), (30, 1)], rope=rope)
     assert calls[-1] is not None  # two sequences: in the attention kernel
