@@ -78,7 +78,7 @@ CASES = [
     (_skinny_gemm_kernel, _skinny(NORM=True, HAS_BIAS=True), SKINNY_TYPES),
     (_skinny_gemm_kernel, _skinny(RESIDUAL=True, SUM_SQUARES=True, BLOCK_N=32, BLOCK_K=512),
      SKINNY_TYPES),
-    (_fused_mlp_kernel, dict(PARTS_P2=128, ACT=0, EVEN_K=True, BLOCK_U=128, BLOCK_K=64,
+    (_fused_mlp_kernel, dict(PARTS_P2=128, ACT=0, EVEN_K=True, BLOCK_U=128, BLOCK_K=128,
                              BLOCK_O=128, SLICE=32, SLICE_P2=32, PROGS_P2=128, COMPUTE=True,
                              REDUCE=True, DOT_PREC="tf32", USE_PDL=True),
      {"y_ptr": BF16, "wgu_ptr": BF16, "wd_ptr": BF16, "s_in_ptr": "*fp32", "s_out_ptr": "*fp32",
@@ -112,7 +112,7 @@ CASES = [
 ALIGNED_INTS = {"N", "K", "V", "head_dim", "block_size", "I", "H", "units_per_program"}
 SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm90
 LAUNCH = {"_skinny_gemm_kernel": dict(num_warps=4, num_stages=4),
-          "_fused_mlp_kernel": dict(num_warps=4, num_stages=4),
+          "_fused_mlp_kernel": dict(num_warps=4, num_stages=3),
           "_attention_kernel": dict(num_warps=4, num_stages=3),
           "_sample_kernel": dict(num_warps=8), "_chunk_best_kernel": dict(num_warps=4)}
 

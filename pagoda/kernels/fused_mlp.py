@@ -65,14 +65,14 @@ def _gated_units(x_ptr, wgu_ptr, s_in_ptr, rows, row_mask, units, unit_mask, I, 
 
 
 @triton.jit
-def _down_partials(act, wd_ptr, part_ptr, rows, row_mask, units, unit_mask, H, stride_wd,
+def _down_partials(act, wd_ptr, part_ptr, rows, row_mask, u, unit_mask, H, stride_wd,
                    BLOCK_O: tl.constexpr, DOT_PREC: tl.constexpr):
     """This program's units' share of down_proj for every output column, to its partials
-    [16, H] (fp32)."""
+    [16, H] (fp32). wd_ptr points at the program's first unit of output column 0."""
     for o0 in range(0, H, BLOCK_O):
         outs = o0 + tl.arange(0, BLOCK_O)
         out_mask = outs < H
-        wd = tl.load(wd_ptr + outs.to(tl.int64)[:, None] * stride_wd + units[None, :],
+        wd = tl.load(wd_ptr + outs.to(tl.int64)[:, None] * stride_wd + u[None, :],
                      mask=out_mask[:, None] & unit_mask[None, :], other=0.0)
         part = tl.dot(act, tl.trans(wd), input_precision=DOT_PREC)
         tl.store(part_ptr + rows[:, None] * H + outs[None, :], part,
@@ -117,7 +117,7 @@ def _reduce_into_stream(part_ptr, y_ptr, s_out_ptr, M, H, stride_ym, num_program
 @triton.jit(do_not_specialize=["M"])  # decode rows: one compiled variant for 1..16
 def _fused_mlp_kernel(
     y_ptr, wgu_ptr, wd_ptr, s_in_ptr, s_out_ptr, part_ptr, bar_ptr, M, I, H, stride_ym,
-    stride_w, stride_wd, num_parts, units_per_program, eps, PARTS_P2: tl.constexpr,
+    stride_w, stride_wd, stride_wp, num_parts, units_per_program, eps, PARTS_P2: tl.constexpr,
     ACT: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_O: tl.constexpr, SLICE: tl.constexpr, SLICE_P2: tl.constexpr,
     PROGS_P2: tl.constexpr, COMPUTE: tl.constexpr, REDUCE: tl.constexpr,
@@ -137,8 +137,8 @@ def _fused_mlp_kernel(
         act = _gated_units(y_ptr, wgu_ptr, s_in_ptr, rows, row_mask, units, unit_mask, I, H,
                            stride_ym, stride_w, num_parts, eps, PARTS_P2, ACT, EVEN_K,
                            BLOCK_U, BLOCK_K, DOT_PREC)
-        _down_partials(act, wd_ptr, part_ptr_own, rows, row_mask, units, unit_mask, H,
-                       stride_wd, BLOCK_O, DOT_PREC)
+        _down_partials(act, wd_ptr + pid.to(tl.int64) * stride_wp, part_ptr_own, rows,
+                       row_mask, u, unit_mask, H, stride_wd, BLOCK_O, DOT_PREC)
     if REDUCE:
         if COMPUTE:  # one launch: every program's partials, and its reads of the stream, done
             _grid_barrier(bar_ptr, num_programs)
@@ -162,7 +162,8 @@ _WORKSPACES: dict = {}
 def grid(intermediate: int, device: torch.device) -> tuple[int, int]:
     """(programs, units per program): one program per SM at most (the barrier needs the
     whole grid resident), units in multiples of 16 (the down_proj dot's inner size)."""
-    units = triton.cdiv(triton.cdiv(intermediate, platform.num_sms(device)), 16) * 16
+    slots = platform.num_sms(device) * int(os.environ.get("PAGODA_FUSED_MLP_PER_SM", "1"))
+    units = triton.cdiv(triton.cdiv(intermediate, slots), 16) * 16
     return triton.cdiv(intermediate, units), units
 
 
@@ -182,49 +183,72 @@ def _tiles(dtype: torch.dtype) -> dict:
     """block_k and block_o halved in fp32, so a tile holds as many bytes as in bf16.
     PAGODA_FUSED_MLP_TILES="block_k/block_o/num_stages" overrides them for A/B runs."""
     spec = os.environ.get("PAGODA_FUSED_MLP_TILES")
+    block_k, block_o, stages, warps = 128, 128, 3, 4
     if spec:
-        block_k, block_o, stages = (int(x) for x in spec.split("/"))
-    else:
-        block_k, block_o, stages = 64, 128, 4
+        block_k, block_o, stages, *more = (int(x) for x in spec.split("/"))
+        warps = more[0] if more else warps
     if dtype == torch.float32:
         block_k, block_o = block_k // 2, block_o // 2
-    return dict(block_k=block_k, block_o=block_o, num_stages=stages)
+    return dict(block_k=block_k, block_o=block_o, num_stages=stages, num_warps=warps)
+
+
+def by_program(down: torch.Tensor) -> torch.Tensor:
+    """down_proj [H, I] rearranged so that each program's columns are one contiguous block,
+    [programs, H, units] (zero-padded): the kernel then streams it as gate_up, not in
+    224-byte pieces of 28 KB rows."""
+    hidden, intermediate = down.shape
+    programs, units = grid(intermediate, down.device)
+    padded = torch.nn.functional.pad(down, (0, programs * units - intermediate))
+    return padded.view(hidden, programs, units).transpose(0, 1).contiguous()
 
 
 def fused_mlp(stream: torch.Tensor, square_sums: torch.Tensor, gate_up: torch.Tensor,
               down: torch.Tensor, act: str, eps: float, space: Workspace) -> torch.Tensor:
     """stream [M, H] (M <= 16) += down @ (act(gate) * up) of the RMS-normalised stream, in
     place. gate_up [2I, H] has the norm's weight folded in (gate rows, then up rows); down
-    [H, I]; square_sums [M, P] are the stream rows' sums of squares in parts (add_linear's).
-    Returns the new rows' sums of squares [M, programs]."""
+    is [H, I] or `by_program`'s [programs, H, units]; square_sums [M, P] are the stream
+    rows' sums of squares in parts (add_linear's). Returns the new rows' sums of squares
+    [M, programs]."""
     m, hidden = stream.shape
-    intermediate = down.shape[1]
+    intermediate = gate_up.shape[0] // 2
     if not 0 < m <= MAX_ROWS or not stream.is_contiguous():
         raise ValueError(f"fused_mlp takes 1..{MAX_ROWS} contiguous rows, got {m}")
-    if gate_up.shape != (2 * intermediate, hidden) or down.shape != (hidden, intermediate):
+    programs, units = grid(intermediate, stream.device)
+    if gate_up.shape != (2 * intermediate, hidden) or down.shape not in (
+            (hidden, intermediate), (programs, hidden, units)):
         raise ValueError(f"gate_up {tuple(gate_up.shape)} and down {tuple(down.shape)} do "
                          f"not make an MLP of {hidden} -> {intermediate}")
-    programs, units = grid(intermediate, stream.device)
     if space.partials.shape[0] != programs or space.partials.shape[2] != hidden:
         raise ValueError("the workspace was made for another shape")
     sums = torch.empty(m, programs, dtype=torch.float32, device=stream.device)
-    cfg = _tiles(stream.dtype)
-    slice_cols = triton.cdiv(hidden, programs)
     one_launch = stream.is_cuda and os.environ.get("TRITON_INTERPRET") != "1" \
         and os.environ.get("PAGODA_FUSED_MLP_LAUNCHES", "1") == "1"
-    use_pdl = pdl_enabled(stream.device)
-    phases = [(True, True)] if one_launch else [(True, False), (False, True)]
-    for compute, reduce in phases:
-        _fused_mlp_kernel[(programs,)](
-            stream, gate_up, down, square_sums, sums, space.partials, space.barrier, m,
-            intermediate, hidden, stream.stride(0), gate_up.stride(0), down.stride(0),
-            square_sums.shape[1], units, eps,
-            PARTS_P2=triton.next_power_of_2(square_sums.shape[1]), ACT=_ACTS[act],
-            EVEN_K=hidden % cfg["block_k"] == 0, BLOCK_U=triton.next_power_of_2(units),
-            BLOCK_K=cfg["block_k"], BLOCK_O=cfg["block_o"], SLICE=slice_cols,
-            SLICE_P2=triton.next_power_of_2(slice_cols),
-            PROGS_P2=triton.next_power_of_2(programs), COMPUTE=compute, REDUCE=reduce,
-            DOT_PREC="ieee" if stream.dtype == torch.float32 else None, USE_PDL=use_pdl,
-            num_warps=4, num_stages=cfg["num_stages"],
-            **({"launch_pdl": True} if use_pdl else {}))
+    for compute, reduce in [(True, True)] if one_launch else [(True, False), (False, True)]:
+        _launch(stream, square_sums, gate_up, down, sums, act, eps, space, compute, reduce)
     return sums
+
+
+def _launch(stream, square_sums, gate_up, down, sums, act, eps, space, compute, reduce):
+    """One launch: the gated units and down_proj partials (compute), the barrier-free or
+    barrier-guarded reduction (reduce), or both."""
+    m, hidden = stream.shape
+    intermediate = gate_up.shape[0] // 2
+    programs, units = grid(intermediate, stream.device)
+    # where a program's down_proj columns start, and the step between output columns
+    stride_wp, stride_wd = (down.stride(0), down.stride(1)) if down.dim() == 3 else \
+        (units, down.stride(0))
+    cfg = _tiles(stream.dtype)
+    slice_cols = triton.cdiv(hidden, programs)
+    use_pdl = pdl_enabled(stream.device)
+    _fused_mlp_kernel[(programs,)](
+        stream, gate_up, down, square_sums, sums, space.partials, space.barrier, m,
+        intermediate, hidden, stream.stride(0), gate_up.stride(0), stride_wd, stride_wp,
+        square_sums.shape[1], units, eps,
+        PARTS_P2=triton.next_power_of_2(square_sums.shape[1]), ACT=_ACTS[act],
+        EVEN_K=hidden % cfg["block_k"] == 0, BLOCK_U=triton.next_power_of_2(units),
+        BLOCK_K=cfg["block_k"], BLOCK_O=cfg["block_o"], SLICE=slice_cols,
+        SLICE_P2=triton.next_power_of_2(slice_cols),
+        PROGS_P2=triton.next_power_of_2(programs), COMPUTE=compute, REDUCE=reduce,
+        DOT_PREC="ieee" if stream.dtype == torch.float32 else None, USE_PDL=use_pdl,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **({"launch_pdl": True} if use_pdl else {}))

@@ -22,13 +22,15 @@ def _reference(stream, gate_up, down, act, eps):
 # leave none over; H=100 splits into slices of 34 with a short last one.
 @pytest.mark.parametrize("m,hidden,inter", [(1, 64, 96), (3, 48, 40), (16, 100, 96)])
 @pytest.mark.parametrize("act", sorted(ACTS))
-def test_matches_reference(m, hidden, inter, act):
+@pytest.mark.parametrize("down_by_program", [False, True], ids=["down-rows", "down-by-program"])
+def test_matches_reference(m, hidden, inter, act, down_by_program):
     stream = torch.randn(m, hidden) * 3
     gate_up, down = torch.randn(2 * inter, hidden) / 4, torch.randn(hidden, inter) / 4
     want = _reference(stream, gate_up, down, act, 1e-5)
     sums_in = torch.stack([stream[:, :20].pow(2).sum(1), stream[:, 20:].pow(2).sum(1)], 1)
     space = fm.workspace(hidden, inter, stream.device)
-    sums = fm.fused_mlp(stream, sums_in.contiguous(), gate_up, down, act, 1e-5, space)
+    down_arg = fm.by_program(down) if down_by_program else down
+    sums = fm.fused_mlp(stream, sums_in.contiguous(), gate_up, down_arg, act, 1e-5, space)
     torch.testing.assert_close(stream, want, atol=1e-4, rtol=1e-4)  # in place
     programs = fm.grid(inter, stream.device)[0]
     assert sums.shape == (m, programs)
