@@ -22,7 +22,6 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from pagoda.kernels.activation import _act_and_mul_kernel  # noqa: E402
-from pagoda.kernels.fused_mlp import _fused_mlp_kernel  # noqa: E402
 from pagoda.kernels.kv_cache import _copy_slot_kernel, _rope_write_kv_kernel  # noqa: E402
 from pagoda.kernels.layernorm import _rms_norm_kernel  # noqa: E402
 from pagoda.kernels.paged_attention import _attention_kernel  # noqa: E402
@@ -78,11 +77,6 @@ CASES = [
     (_skinny_gemm_kernel, _skinny(NORM=True, HAS_BIAS=True), SKINNY_TYPES),
     (_skinny_gemm_kernel, _skinny(RESIDUAL=True, SUM_SQUARES=True, BLOCK_N=32, BLOCK_K=512),
      SKINNY_TYPES),
-    (_fused_mlp_kernel, dict(PARTS_P2=128, ACT=0, EVEN_K=True, BLOCK_U=128, BLOCK_K=128,
-                             BLOCK_O=128, SLICE=32, SLICE_P2=32, PROGS_P2=128, COMPUTE=True,
-                             REDUCE=True, DOT_PREC="tf32", USE_PDL=True),
-     {"y_ptr": BF16, "wgu_ptr": BF16, "wd_ptr": BF16, "s_in_ptr": "*fp32", "s_out_ptr": "*fp32",
-      "part_ptr": "*fp32", "bar_ptr": "*i32", "eps": "fp32"}),
     (_rms_norm_kernel, dict(BLOCK_N=4096, ADD_RESIDUAL=True, USE_PDL=True),
      {"x_ptr": BF16, "res_ptr": BF16, "w_ptr": BF16, "out_ptr": BF16, "eps": "fp32"}),
     (_act_and_mul_kernel, dict(ACT=0, BLOCK=1024, USE_PDL=True),
@@ -109,10 +103,9 @@ CASES = [
 # What Triton's launcher tells the compiler at Llama shapes: tensors are 16-byte aligned, and
 # these integers are multiples of 16. Without the hints the loads compile to scalar ones and
 # the pipelining (cp.async stages) the real launch gets is not what is checked.
-ALIGNED_INTS = {"N", "K", "V", "head_dim", "block_size", "I", "H", "units_per_program"}
+ALIGNED_INTS = {"N", "K", "V", "head_dim", "block_size"}
 SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm90
 LAUNCH = {"_skinny_gemm_kernel": dict(num_warps=4, num_stages=4),
-          "_fused_mlp_kernel": dict(num_warps=4, num_stages=3),
           "_attention_kernel": dict(num_warps=4, num_stages=3),
           "_sample_kernel": dict(num_warps=8), "_chunk_best_kernel": dict(num_warps=4)}
 

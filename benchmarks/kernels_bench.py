@@ -2,7 +2,7 @@
 report achieved bandwidth against the measured device-to-device copy rate (bytes read plus
 bytes written), or TFLOP/s for compute-bound attention prefill.
 
-    PYTHONPATH=. python benchmarks/kernels_bench.py [--skinny | --fused | --mlp | --sampling]
+    PYTHONPATH=. python benchmarks/kernels_bench.py [--skinny | --fused | --sampling]
 
 Measured on one H200 (torch 2.11, triton 3.6), 2026-11-29, CUDA-graph replay medians; copy
 ceiling 4247 GB/s (1 GiB device-to-device copy, eager). Decode H=32/8 D=128 block 16:
@@ -251,49 +251,6 @@ def bench_fused(copy_gbs: float):
         del weights
 
 
-def bench_mlp(copy_gbs: float):
-    """Llama-3.1-8B's decode MLP (gate_up 4096 -> 2 x 14336, down 14336 -> 4096): the
-    two-kernel fused path (skinny gate_up with norm and act, add_linear down) against the
-    one-kernel MLP (kernels/fused_mlp.py) by tiles and down_proj layout, and the one-kernel
-    MLP's compute phase alone (no barrier, no reduction). Two layers' weights per timed call,
-    so they stream from HBM."""
-    from pagoda.kernels import fused_mlp as fm
-    from pagoda.kernels.skinny_gemm import add_linear
-    hidden, inter = 4096, 14336
-    layers = [(torch.randn(2 * inter, hidden, device=DEV, dtype=BF) / 64,
-               torch.randn(hidden, inter, device=DEV, dtype=BF) / 128) for _ in range(2)]
-    nbytes = 3 * hidden * inter * 2
-    for m in (1, 8):
-        stream = torch.randn(m, hidden, device=DEV, dtype=BF)
-        sums = stream.float().pow(2).sum(1, keepdim=True).contiguous()
-
-        def run(label, fn, weights=layers):
-            ms = bench(lambda: [fn(gu, d) for gu, d in weights]) / len(weights)
-            record(f"mlp M={m} {label}", ms, nbytes, copy_gbs=copy_gbs)
-        run("two kernels", lambda gu, d: add_linear(
-            stream, skinny_gemm(stream, gu, square_sums=sums, act="silu"), d))
-        # two programs an SM only with tiles that fit two in shared memory and registers:
-        # the grid barrier waits for every program to be resident
-        for tiles, per_sm in (("128/128/3", 1), ("128/128/3/8", 1), ("128/64/4/8", 1),
-                              ("128/128/3", 2), ("64/128/4", 2), ("128/64/2", 2)):
-            os.environ["PAGODA_FUSED_MLP_TILES"] = tiles
-            os.environ["PAGODA_FUSED_MLP_PER_SM"] = str(per_sm)
-            space = fm.workspace(hidden, inter, torch.device(DEV))
-            out_sums = torch.empty(m, fm.grid(inter, stream.device)[0], device=DEV)
-            weights = [(gu, fm.by_program(d)) for gu, d in layers]
-            label = f"{tiles} x{per_sm}/SM"
-            try:
-                run(f"one kernel {label}", lambda gu, d: fm.fused_mlp(
-                    stream, sums, gu, d, "silu", 1e-6, space), weights)
-                run(f"compute phase {label}", lambda gu, d: fm._launch(
-                    stream, sums, gu, d, out_sums, "silu", 1e-6, space, True, False), weights)
-            except triton.runtime.errors.OutOfResources:
-                print(f"tiles {label}: out of resources")
-            del weights
-        os.environ.pop("PAGODA_FUSED_MLP_TILES")
-        os.environ.pop("PAGODA_FUSED_MLP_PER_SM")
-
-
 def tuning_sweep(copy_gbs: float):
     """Tile shapes for the attention kernel alone (keys block_m, tile_n, num_warps, num_stages)."""
     for bm, tn, nw, ns in ((64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 8, 3),
@@ -316,9 +273,6 @@ def main():
     copy_gbs = copy_rate()
     if "--fused" in sys.argv:  # the fused decode layer's GEMMs
         bench_fused(copy_gbs)
-        return _save()
-    if "--mlp" in sys.argv:  # the one-kernel MLP against the two-kernel path
-        bench_mlp(copy_gbs)
         return _save()
     if "--sampling" in sys.argv:
         bench_sampling(copy_gbs)

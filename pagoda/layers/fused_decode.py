@@ -39,9 +39,6 @@ from pagoda.layers.linear import LinearBase, UnquantizedLinearMethod
 # interpreter runs the kernels (the CPU tests of this path).
 MODE = os.environ.get("PAGODA_FUSED_DECODE", "1")
 MAX_ROWS = 16  # the skinny GEMM's limit
-# "1": the MLP of a fused layer runs as one kernel (kernels/fused_mlp.py) where it has no
-# biases; "0": gate_up and down_proj as two skinny GEMMs (A/B runs).
-ONE_KERNEL_MLP = os.environ.get("PAGODA_FUSED_MLP", "1") == "1"
 
 
 @dataclass
@@ -106,20 +103,8 @@ def fold_norm_weights(model: nn.Module) -> int:
             linear.weight.copy_(scaled.to(linear.weight.dtype))
             norm.weight.fill_(1.0)
         layer.norms_folded = True
-        _attach_mlp_workspace(layer.mlp)
         folded += 1
     return folded
-
-
-def _attach_mlp_workspace(mlp: nn.Module) -> None:
-    """The one-kernel MLP's workspace, made here, after loading: inside CUDA graph capture
-    its barrier counters could not be zeroed once and for all."""
-    from pagoda.kernels import fused_mlp
-    gate_up, down = mlp.gate_up_proj, mlp.down_proj
-    if ONE_KERNEL_MLP and gate_up.bias is None and down.bias is None:
-        hidden, intermediate = down.weight.shape
-        mlp.one_kernel_workspace = fused_mlp.workspace(hidden, intermediate,
-                                                       down.weight.device)
 
 
 def use_fused(layer: nn.Module, hidden: torch.Tensor) -> bool:
@@ -142,14 +127,7 @@ def fused_forward(layer: nn.Module, positions: torch.Tensor, hidden: torch.Tenso
         qkv = skinny_gemm(normed, qkv_proj.weight, qkv_proj.bias)
     out = attn.attend(positions, qkv)
     sums = add_linear(stream, out, attn.o_proj.weight, attn.o_proj.bias)
-    eps, act_name = layer.post_attention_layernorm.eps, gated_act_name(mlp.act_fn)
-    space = getattr(mlp, "one_kernel_workspace", None)
-    if space is not None:
-        from pagoda.kernels.fused_mlp import fused_mlp
-        sums = fused_mlp(stream, sums, gate_up.weight, mlp.down_proj.weight, act_name, eps,
-                         space)
-        return stream, SquareSums(sums)
-    act = skinny_gemm(stream, gate_up.weight, gate_up.bias, square_sums=sums, eps=eps,
-                      act=act_name)
+    act = skinny_gemm(stream, gate_up.weight, gate_up.bias, square_sums=sums,
+                      eps=layer.post_attention_layernorm.eps, act=gated_act_name(mlp.act_fn))
     sums = add_linear(stream, act, mlp.down_proj.weight, mlp.down_proj.bias)
     return stream, SquareSums(sums)
