@@ -175,15 +175,32 @@ def _torch_align(topk_ids: torch.Tensor, num_experts: int, block_m: int, num_blo
     return sorted_ids, expert_ids, ends[-1:].to(torch.int32)
 
 
+# Average routed rows per expert up to which each tile config serves (the last: above).
+_ROWS_PER_EXPERT_LIMITS = (16, 64)
+
+
 def _config(num_pairs: int, num_experts: int) -> dict:
     """Tile shapes from the average rows per expert (host-side shapes only). Untuned defaults
     in the range of vLLM's tuned configs for bf16 on Hopper."""
     per_expert = num_pairs / num_experts
-    if per_expert <= 16:  # decode: few rows per expert, many experts -> thin tiles
+    if per_expert <= _ROWS_PER_EXPERT_LIMITS[0]:  # decode: few rows an expert -> thin tiles
         return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3)
-    if per_expert <= 64:
+    if per_expert <= _ROWS_PER_EXPERT_LIMITS[1]:
         return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
     return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
+
+
+def warm_up_token_counts(num_experts: int, top_k: int, max_tokens: int) -> list[int]:
+    """The fewest tokens that select each tile config, up to max_tokens: a call at each
+    compiles every variant a step of at most max_tokens can launch (the configs and the align
+    kernel depend only on these shapes; the fewest tokens also reach the align kernel where
+    the config's range allows, at most _ALIGN_KERNEL_MAX_PAIRS pairs)."""
+    counts = [1]
+    for limit in _ROWS_PER_EXPERT_LIMITS:
+        tokens = limit * num_experts // top_k + 1
+        if tokens <= max_tokens:
+            counts.append(tokens)
+    return counts
 
 
 def _grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor,

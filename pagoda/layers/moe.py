@@ -4,10 +4,9 @@ optional gated shared expert (Qwen2-MoE), and `fused_moe`, the one place the exp
 happens.
 
 `fused_moe` runs `torch_moe` (a loop over the experts the batch routes to) on the CPU and
-`dense_moe` (graph-capturable, but every expert on every token) on CUDA today. The hook for
-the GPU: when `pagoda/kernels/moe.py` provides `fused_moe` with the same signature, CUDA
-tensors go to it (vLLM's grouped-GEMM Triton kernel is the model), tested against
-`torch_moe`."""
+the grouped-GEMM Triton kernels of `pagoda/kernels/moe.py` on CUDA (tested against
+`torch_moe`); `dense_moe` (graph-capturable, but every expert on every token) serves CUDA
+where Triton kernels are off."""
 
 from __future__ import annotations
 
@@ -113,6 +112,21 @@ class FusedExperts(nn.Module):
             dst = param.data[expert].narrow(0, 0 if kind == "gate" else self.inter, self.inter)
         dst.copy_(shard)
 
+    @torch.no_grad()
+    def warm_up(self, max_tokens: int, top_k: int) -> None:
+        """Compile, before serving, the Triton kernel variants that steps of up to max_tokens
+        would launch (their tiles follow the rows per expert, so a longer step than any seen
+        would compile mid-run; worker/warm_up.py). Local: no collective."""
+        w13 = self.w13_weight
+        if not (w13.is_cuda and _HAS_TRITON_MOE and platform.use_triton_kernels(w13.device)):
+            return
+        from pagoda.kernels.moe import warm_up_token_counts
+        for tokens in warm_up_token_counts(self.num_experts, top_k, max_tokens):
+            x = torch.zeros(tokens, w13.shape[2], dtype=w13.dtype, device=w13.device)
+            logits = torch.randn(tokens, self.num_experts, device=w13.device)
+            weights, ids = route(logits, top_k, renormalize=True)
+            fused_moe(x, w13, self.w2_weight, weights, ids, self.act_fn)
+
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor,
                 topk_ids: torch.Tensor) -> torch.Tensor:
         out = fused_moe(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids,
@@ -133,6 +147,10 @@ class SparseMoeBlock(nn.Module):
         if shared_intermediate_size:
             self.shared_expert = GatedMLP(hidden_size, shared_intermediate_size, act)
             self.shared_expert_gate = ReplicatedLinear(hidden_size, 1, bias=False)
+
+    def warm_up_kernels(self, max_tokens: int) -> None:
+        """Called by the worker's start-up warm-up with the longest step it will run."""
+        self.experts.warm_up(max_tokens, self.top_k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = route(self.gate(x), self.top_k, self.renormalize)

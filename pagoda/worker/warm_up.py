@@ -10,7 +10,9 @@ takes, a mixed step (a new prompt beside two decoding requests) of fewer, and a 
 Their KV lands in the first few blocks, which the scheduler has not handed out yet (so this
 runs only before the first request); each request writes its own KV before it reads any,
 so nothing stale is read later. The lookahead's KV move, which runs only when a token opens
-a new block, is compiled by a no-op move of its own.
+a new block, is compiled by a no-op move of its own, and layers whose kernels follow the step
+size in ways a few dummy steps cannot reach (MoE tiles by rows per expert) compile theirs
+through their own `warm_up_kernels(max_tokens)`.
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ PROMPTS = {"long": 20, "short": 3, "late": 5}
 
 def warm_up(runner: Any) -> None:
     runner.lookahead.warm_up()  # the KV move out of scratch blocks: no dummy step crosses one
+    max_tokens = runner.config.scheduler_config.max_num_batched_tokens
+    for module in runner.model.modules():
+        if hasattr(module, "warm_up_kernels"):
+            module.warm_up_kernels(max_tokens)
     blocks = _block_ids(runner.block_size)
     if not _fits(runner, sum(len(ids) for ids in blocks.values())):
         return  # an engine this small keeps its first-use compiles

@@ -120,3 +120,23 @@ def test_layer_hook_uses_triton_kernel(experts):
     x, weights, ids = make_inputs(5, w13.shape[2], w13.shape[0], top_k, renorm)
     got = moe.fused_moe(x, w13, w2, weights, ids, SiluAndMul())
     assert torch.equal(got, triton_fused_moe(x, w13, w2, weights, ids, SiluAndMul()))
+
+
+def test_no_compiles_after_the_layer_warm_up(experts):
+    """After FusedExperts.warm_up (worker/warm_up.py calls it at start-up with the longest
+    step), no step size up to that compiles a MoE kernel variant."""
+    from pagoda.layers.moe import FusedExperts
+    from tests.gpu.test_e2e_gpu import _compiled_variants
+    w13, w2, top_k, renorm = experts
+    num_experts, two_inter, hidden = w13.shape
+    layer = FusedExperts(num_experts, hidden, two_inter // 2)
+    layer.w13_weight.data, layer.w2_weight.data = w13, w2
+    layer.warm_up(max_tokens=2048, top_k=top_k)
+    before = _compiled_variants()
+    for tokens in (1, 2, 3, 7, 16, 31, 33, 64, 65, 100, 129, 256, 257, 300, 512, 1000, 1025,
+                   1500, 2048):
+        layer(*make_inputs(tokens, hidden, num_experts, top_k, renorm))
+    torch.cuda.synchronize()
+    after = _compiled_variants()
+    assert after == before, {k: (before.get(k), n) for k, n in after.items()
+                             if n != before.get(k)}

@@ -107,3 +107,42 @@ def test_moe_align(tokens, experts, top_k, block_m, repeat, monkeypatch):
         block = block[block < pairs]
         assert len(block) > 0 and torch.all(flat[block] == expert_ids[b])
         assert torch.all(block[1:] > block[:-1])
+
+
+@pytest.mark.parametrize("experts,top_k,max_tokens,want", [
+    (128, 8, 8192, [1, 257, 1025]),  # Qwen3-30B-A3B
+    (8, 2, 8192, [1, 65, 257]),      # Mixtral
+    (128, 8, 512, [1, 257]),         # a step too short for the prefill tiles
+    (60, 4, 16, [1]),
+])
+def test_warm_up_token_counts_reach_every_tile_config(experts, top_k, max_tokens, want):
+    counts = moe_kernels.warm_up_token_counts(experts, top_k, max_tokens)
+    assert counts == want
+    configs = [moe_kernels._config(t * top_k, experts) for t in counts]
+    assert len({c["BLOCK_M"] for c in configs}) == len(counts)  # each a different config
+    for t, config in zip(counts[1:], configs[:-1]):  # and one token fewer, the previous one
+        assert moe_kernels._config((t - 1) * top_k, experts) == config
+
+
+def test_layer_warm_up_runs_each_tile_config(monkeypatch):
+    """FusedExperts.warm_up calls the Triton MoE once per tile config (on CUDA; here the
+    interpreter stands in, with the CUDA check patched)."""
+    from pagoda.layers import moe as moe_layer
+    experts = moe_layer.FusedExperts(4, 16, 8)
+    for w in (experts.w13_weight, experts.w2_weight):
+        w.data.normal_()
+    seen = []
+
+    def recording(x, w13, w2, weights, ids, act_fn):
+        out = fused_moe(x, w13, w2, weights, ids, act_fn)
+        seen.append((x.shape[0], moe_kernels._config(ids.numel(), 4)["BLOCK_M"]))
+        assert torch.isfinite(out).all()
+        return out
+
+    monkeypatch.setattr(moe_layer, "fused_moe", recording)
+    experts.warm_up(max_tokens=4096, top_k=2)
+    assert not seen  # CPU weights: the CPU path compiles nothing
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(moe_layer.platform, "use_triton_kernels", lambda device: True)
+    experts.warm_up(max_tokens=4096, top_k=2)
+    assert seen == [(1, 16), (33, 32), (129, 64)]

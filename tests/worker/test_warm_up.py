@@ -56,3 +56,20 @@ def test_warm_up_skips_engines_too_small_for_it(tiny_llama_path, monkeypatch):
         monkeypatch.setattr(runner, "execute_model", lambda sched: pytest.fail("ran a step"))
         warm_up_module.warm_up(runner)
         monkeypatch.undo()
+
+
+def test_warm_up_compiles_moe_tiles_for_the_longest_step(tmp_path, monkeypatch):
+    """MoE layers' kernel variants follow the rows per expert, which a few dummy steps do not
+    reach: the warm-up hands each MoE block the engine's longest step."""
+    from pagoda.layers.moe import SparseMoeBlock
+    from tests.models.test_families import FAMILIES
+    from tests.utils import make_model
+    make_model(str(tmp_path), FAMILIES["mixtral"]())
+    llm = LLM(str(tmp_path), dtype="float32", max_model_len=128, max_num_batched_tokens=384)
+    runner = llm.engine.core.executor.worker.runner
+    seen = []
+    monkeypatch.setattr(SparseMoeBlock, "warm_up_kernels",
+                        lambda self, max_tokens: seen.append((self.top_k, max_tokens)))
+    warm_up_module.warm_up(runner)
+    layers = runner.model.config.num_hidden_layers
+    assert seen == [(2, 384)] * layers
