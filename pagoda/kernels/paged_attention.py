@@ -107,8 +107,9 @@ def _key_rows(block_table_ptr, seq, stride_bt, q_start, kpos, kmask, block_size,
 @triton.jit
 def _key_tiles(context, local_block, q_len, kv_len, window, split, BLOCK_Q: tl.constexpr,
                TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr, USE_WINDOW: tl.constexpr):
-    """This program's key tiles [lo, hi) (its split's share) and the causal end of its
-    q block's keys."""
+    """This program's key tiles [lo, hi) (its split's share), the causal end of its q
+    block's keys, and how many splits have tiles (at least 1: split 0 answers even a
+    sequence with no keys, a CUDA graph's padding row)."""
     first_pos = context + local_block * BLOCK_Q
     kv_end = tl.minimum(context + tl.minimum((local_block + 1) * BLOCK_Q, q_len), kv_len)
     kv_start = 0
@@ -116,10 +117,12 @@ def _key_tiles(context, local_block, q_len, kv_len, window, split, BLOCK_Q: tl.c
         kv_start = tl.maximum(first_pos - window + 1, 0)
     tile_lo = kv_start // TILE_N
     tile_hi = tl.cdiv(kv_end, TILE_N)
-    per_split = tl.cdiv(tile_hi - tile_lo, NUM_SPLITS)
+    num_tiles = tl.maximum(tile_hi - tile_lo, 0)
+    per_split = tl.maximum(tl.cdiv(num_tiles, NUM_SPLITS), 1)
+    active_splits = tl.maximum(tl.cdiv(num_tiles, per_split), 1)
     tile_lo = tile_lo + split * per_split
     tile_hi = tl.minimum(tile_lo + per_split, tile_hi)
-    return tile_lo, tile_hi, kv_end
+    return tile_lo, tile_hi, kv_end, active_splits
 
 
 @triton.jit
@@ -148,15 +151,15 @@ def _online_softmax_step(s, m_i, l_i):
 
 @triton.jit
 def _combine_splits(out_ptr, part_acc_ptr, part_ml_ptr, tok, head, row_mask, d, d_mask,
-                    stride_ot, stride_oh, num_heads, head_dim, NUM_SPLITS: tl.constexpr,
-                    SPLITS_P2: tl.constexpr):
-    """Writes out[tok, head] for this program's rows from all the splits' partial outputs
+                    stride_ot, stride_oh, num_heads, head_dim, active_splits,
+                    NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr):
+    """Writes out[tok, head] for this program's rows from the active splits' partial outputs
     (the running max and sum of each rescale its unnormalised output). Loads bypass L1:
     other programs wrote the partials, and an earlier layer's may still be cached there."""
     s = tl.arange(0, SPLITS_P2)
     first = (tok * num_heads + head) * NUM_SPLITS  # [rows]: each row's split 0
     ml = part_ml_ptr + (first[:, None] + s[None, :]) * 2
-    ml_mask = row_mask[:, None] & (s < NUM_SPLITS)[None, :]
+    ml_mask = row_mask[:, None] & (s < active_splits)[None, :]
     m = tl.load(ml, mask=ml_mask, other=float("-inf"), cache_modifier=".cg")
     l = tl.load(ml + 1, mask=ml_mask, other=0.0, cache_modifier=".cg")
     m_max = tl.max(m, 1)
@@ -166,12 +169,19 @@ def _combine_splits(out_ptr, part_acc_ptr, part_ml_ptr, tok, head, row_mask, d, 
     acc = tl.zeros([first.shape[0], d.shape[0]], tl.float32)
     for i in tl.static_range(NUM_SPLITS):
         w_i = tl.sum(tl.where(s[None, :] == i, w, 0.0), 1)
+        live = tl.full(first.shape, i, tl.int32) < active_splits  # (a vector: the interpreter)
         part = tl.load(part_acc_ptr + (first + i)[:, None] * head_dim + d[None, :],
-                       mask=io_mask, other=0.0, cache_modifier=".cg")
+                       mask=io_mask & live[:, None], other=0.0, cache_modifier=".cg")
         acc += part * w_i[:, None]
+    _store_normalised(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh
+                      + d[None, :], acc, total, io_mask)
+
+
+@triton.jit
+def _store_normalised(out_rows, acc, total, mask):
+    """out = acc / total per row (0 where a row saw no key), in the output's dtype."""
     out = acc / tl.where(total > 0, total, 1.0)[:, None]
-    tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=io_mask)
+    tl.store(out_rows, out.to(out_rows.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -234,6 +244,11 @@ def _attention_kernel(
     seq_len = tl.load(seq_lens_ptr + seq)
     context = seq_len - q_len
     kv_len = seq_len if PAGED else q_len
+    tile_lo, tile_hi, kv_end, active_splits = _key_tiles(
+        context, local_block, q_len, kv_len, window, split, BLOCK_Q, TILE_N, NUM_SPLITS,
+        USE_WINDOW)
+    if split >= active_splits:  # a short context leaves later splits no tile: no partial
+        return
 
     rows = tl.arange(0, BLOCK_M)
     qi = local_block * BLOCK_Q + rows // QPKV_P2
@@ -250,9 +265,6 @@ def _attention_kernel(
                 q_norm_ptr, eps, ROPE, IS_NEOX, QK_NORM)
     if USE_ALIBI:
         slope = tl.load(alibi_ptr + head, mask=row_mask, other=0.0).to(tl.float32)
-
-    tile_lo, tile_hi, kv_end = _key_tiles(context, local_block, q_len, kv_len, window, split,
-                                          BLOCK_Q, TILE_N, NUM_SPLITS, USE_WINDOW)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -284,21 +296,22 @@ def _attention_kernel(
         m_i = m_new
 
     io_mask = row_mask[:, None] & d_mask[None, :]
+    out_rows = out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
     if NUM_SPLITS == 1:
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=io_mask)
+        _store_normalised(out_rows, acc, l_i, io_mask)
+    elif active_splits == 1:  # the whole key range was this program's: no partials
+        _store_normalised(out_rows, acc, l_i, io_mask)
     else:
         part = (tok * num_heads + head) * NUM_SPLITS + split  # [T, H, S] row index
         tl.store(part_acc_ptr + part[:, None] * head_dim + d[None, :], acc, mask=io_mask)
         tl.store(part_ml_ptr + part * 2, m_i, mask=row_mask)
         tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=row_mask)
-        # the last split of this q block and KV head to finish combines them
+        # the last active split of this q block and KV head to finish combines them
         count = counter_ptr + q_block * tl.num_programs(1) + kv_head
-        if tl.atomic_add(count, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
+        if tl.atomic_add(count, 1, sem="acq_rel", scope="gpu") == active_splits - 1:
             _combine_splits(out_ptr, part_acc_ptr, part_ml_ptr, tok, head, row_mask, d,
-                            d_mask, stride_ot, stride_oh, num_heads, head_dim, NUM_SPLITS,
-                            SPLITS_P2)
+                            d_mask, stride_ot, stride_oh, num_heads, head_dim, active_splits,
+                            NUM_SPLITS, SPLITS_P2)
             tl.store(count, 0)  # zero again for the next launch
 
 
