@@ -404,6 +404,7 @@ def stage_table(out: str) -> dict:
     for row in _load(out, "ab").get("rows", []):
         graph = (row.get("graph_gpu_ms") or {}).get("1", 0)
         lines.append(_row("AB", f"{row['decode_ms_per_step'] or 0:.2f} ms/step, "
+                                f"{row.get('wall_ms_per_token') or 0:.2f} wall, "
                                 f"graph {graph:.2f} ms", "", row["setting"][:26]))
     for point in (p5 or {}).get("points", []):
         lines.append(_row("P5", f"{point['request_rate']} req/s: TTFT {point['mean_ttft_ms']:.0f}"
@@ -438,6 +439,7 @@ def stage_ab(out: str) -> dict:
         rows.append({"setting": setting or "as is",
                      "decode_ms_per_step": p1.get("decode_ms_per_token"),
                      "tok_per_s": p1.get("decode_tok_per_s"),
+                     "wall_ms_per_token": p1.get("decode_wall_ms_per_step"),
                      "graph_gpu_ms": llama.get("graph_gpu_ms")})
         print("AB:", json.dumps(rows[-1]))
     return {"rows": rows}
