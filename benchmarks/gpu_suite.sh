@@ -81,7 +81,10 @@ benchmarks() {
                     [hf]=${HF_TIMEOUT:-60} [p5]=${P5_TIMEOUT:-330})
   # p5 (serving, ~4-5 minutes) is not in the default set: one device call cannot hold it
   # with the rest. Run it alone: SKIP_TESTS=1 STAGES="p5".
-  for name in ${STAGES:-ceilings llama p4 hf}; do stage "$name" "${LIMIT[$name]}"; done
+  for name in ${STAGES:-ceilings llama p4 hf}; do
+    [ -n "${LIMIT[$name]:-}" ] || { echo "STAGES: unknown stage $name (the table always runs last)" | tee -a "$LOG"; continue; }
+    stage "$name" "${LIMIT[$name]}"
+  done
 }
 NUM_GPUS=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU")
 rm -f "$OUT/quiet_part_done"  # gpu_suite.py's QUIET_MARKER
