@@ -17,7 +17,10 @@ fill the GPU, so a third grid axis splits each sequence's key range into NUM_SPL
 writes an unnormalised partial output plus its running max and sum. The last split of a
 sequence and KV head to finish (an atomic counter, zeroed again by that split) combines them,
 so no reduce kernel follows (on the H200 this saved 0.07 ms a Llama-8B step at batch 8
-against a separate reduce kernel, and was even at batch 1).
+against a separate reduce kernel, and was even at batch 1). A decode graph fixes NUM_SPLITS
+for max_model_len, so a short context leaves later splits without a key tile: they exit at
+once, only the splits with tiles count and are combined, and a context of one tile is
+written by its split directly (P1, 128-384 keys: 4.19 -> 4.17 ms a step).
 (Letting split 0 do a short sequence whole was measured on the H200 and dropped: 0.21 ms a
 Llama-8B step slower at ~250 keys, docs/benchmarks.md.) At decode (one token per sequence) the
 grid is one program per sequence instead, with no search.
