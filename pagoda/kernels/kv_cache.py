@@ -8,7 +8,9 @@ batches are padded) and is skipped, so the padded tail never touches a real bloc
 on its way into the cache (one launch per layer instead of two; the attention kernel reads
 every key from the cache). The arithmetic and roundings are the rotary kernel's. For models
 with a per-head RMSNorm on q and k before the rotation (Qwen3) it applies those too, which
-saves two norm kernels and two copies a layer.
+saves two norm kernels and two copies a layer. `_load_q` and `_write_new_kv` are the same
+rotation and write for the decode attention kernel (kernels/paged_attention.py), which at
+up to 64 decode sequences does them itself instead of this launch.
 """
 
 from __future__ import annotations
@@ -165,6 +167,37 @@ def _write_rotated_kv(k_rows, v_rows, k_dst, v_dst, cos_sin_base, d, mask, half,
     ty = k_dst.dtype.element_ty
     tl.store(k_dst + d, k.to(k_rows.dtype.element_ty).to(ty), mask=mask)
     tl.store(v_dst + d, v.to(ty), mask=mask)
+
+
+@triton.jit
+def _load_q(q_rows, mask, d, cos_sin, half, head_dim, q_norm_ptr, eps, ROPE: tl.constexpr,
+            IS_NEOX: tl.constexpr, QK_NORM: tl.constexpr):
+    """This program's query rows [rows, DIM]; with ROPE (decode: q comes unrotated, straight
+    from the projection) normalised and rotated as `rope_and_write_kv` does (the decode
+    attention kernel's, kernels/paged_attention.py)."""
+    if ROPE:
+        q = _rotated_k(q_rows, cos_sin, d[None, :], mask, half, head_dim, q_norm_ptr, eps,
+                       IS_NEOX, QK_NORM)
+        return q.to(q_rows.dtype.element_ty)
+    return tl.load(q_rows + d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _write_new_kv(new_k, new_v, cache_k, cache_v, slot, cos_sin, d, d_mask, half, head_dim,
+                  block_size, stride_kv_blk, stride_kv_slot, k_norm_ptr, eps,
+                  IS_NEOX: tl.constexpr, QK_NORM: tl.constexpr):
+    """Decode with the rotation fused in: this token's key (normalised and rotated as
+    `rope_and_write_kv` does) and value for one KV head go into the cache at `slot`
+    (-1: a padding token, nothing written), then a CTA barrier, so the key tile loads after
+    it see them."""
+    if slot >= 0:
+        row = (slot // block_size).to(tl.int64) * stride_kv_blk \
+            + (slot % block_size).to(tl.int64) * stride_kv_slot
+        one_head = tl.zeros([1, 1], tl.int32)  # the [heads, 1] row shape the helper takes
+        _write_rotated_kv(new_k + one_head, new_v + one_head, cache_k + row + one_head,
+                          cache_v + row + one_head, cos_sin, d[None, :], d_mask[None, :],
+                          half, head_dim, k_norm_ptr, eps, IS_NEOX, QK_NORM)
+    tl.debug_barrier()
 
 
 def rope_and_write_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,

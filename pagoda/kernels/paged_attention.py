@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagoda.kernels.kv_cache import _rotated_k, _write_rotated_kv
+from pagoda.kernels.kv_cache import _load_q, _write_new_kv
 from pagoda.kernels.pdl import launch_args, wait_then_release
 
 # =0 gives decode the general grid, for A/B runs
@@ -185,36 +185,6 @@ def _store_normalised(out_rows, acc, total, mask):
     """out = acc / total per row (0 where a row saw no key), in the output's dtype."""
     out = acc / tl.where(total > 0, total, 1.0)[:, None]
     tl.store(out_rows, out.to(out_rows.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _load_q(q_rows, mask, d, cos_sin, half, head_dim, q_norm_ptr, eps, ROPE: tl.constexpr,
-            IS_NEOX: tl.constexpr, QK_NORM: tl.constexpr):
-    """This program's query rows [rows, DIM]; with ROPE (decode: q comes unrotated, straight
-    from the projection) normalised and rotated as kv_cache.rope_and_write_kv does."""
-    if ROPE:
-        q = _rotated_k(q_rows, cos_sin, d[None, :], mask, half, head_dim, q_norm_ptr, eps,
-                       IS_NEOX, QK_NORM)
-        return q.to(q_rows.dtype.element_ty)
-    return tl.load(q_rows + d[None, :], mask=mask, other=0.0)
-
-
-@triton.jit
-def _write_new_kv(new_k, new_v, cache_k, cache_v, slot, cos_sin, d, d_mask, half, head_dim,
-                  block_size, stride_kv_blk, stride_kv_slot, k_norm_ptr, eps,
-                  IS_NEOX: tl.constexpr, QK_NORM: tl.constexpr):
-    """Decode with the rotation fused in: this token's key (normalised and rotated as
-    kv_cache.rope_and_write_kv does) and value for one KV head go into the cache at `slot`
-    (-1: a padding token, nothing written), then a CTA barrier, so the key tile loads after
-    it see them."""
-    if slot >= 0:
-        row = (slot // block_size).to(tl.int64) * stride_kv_blk \
-            + (slot % block_size).to(tl.int64) * stride_kv_slot
-        one_head = tl.zeros([1, 1], tl.int32)  # the [heads, 1] row shape the helper takes
-        _write_rotated_kv(new_k + one_head, new_v + one_head, cache_k + row + one_head,
-                          cache_v + row + one_head, cos_sin, d[None, :], d_mask[None, :],
-                          half, head_dim, k_norm_ptr, eps, IS_NEOX, QK_NORM)
-    tl.debug_barrier()
 
 
 # The batch size varies every step: specialising it (1, multiples of 16, the rest) compiled
