@@ -131,7 +131,6 @@ def _profile_batch_decode(llm, path: str, batch: int, prompt_len: int, steps: in
         for _ in range(steps):
             engine.step()
     recorder.detach()
-    stacks = _eager_step_stacks(llm, 2)
     engine.abort_request([f"profile-{i}" for i in range(batch)])
     while engine.has_unfinished_requests():
         engine.step()
@@ -141,47 +140,10 @@ def _profile_batch_decode(llm, path: str, batch: int, prompt_len: int, steps: in
         f.write(prof.key_averages().table(sort_by="self_cuda_time_total"
                                           if SIZES["device"] == "cuda" else
                                           "self_cpu_time_total", row_limit=25))
-        f.write("\n== indexing ops of 2 more steps run eagerly, by caller (the graph's "
-                "index and gather kernels have none) ==\n" + stacks)
     result = {"batch": batch, "context": prompt_len, "wall_ms_per_step": wall_ms,
               "executor_ms_per_step": exec_ms}
     print("P4 batch decode:", json.dumps(result))
     return result
-
-
-def _eager_step_stacks(llm, steps: int) -> str:
-    """Decode steps run eagerly (no graph, hence no lookahead), with every indexing-like aten
-    op counted by the pagoda frames that called it: names the source of index and gather
-    kernels that a graph replay shows without a caller."""
-    import collections
-    import traceback
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Calls(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.counts = collections.Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = str(func.overloadpacket)
-            if any(word in name for word in ("index", "gather", "embedding", "scatter")):
-                frames = [f"{os.path.basename(fr.filename)}:{fr.lineno} {fr.name}"
-                          for fr in traceback.extract_stack()[:-1] if "pagoda" in fr.filename]
-                self.counts[(name, " < ".join(reversed(frames[-3:])))] += 1
-            return func(*args, **(kwargs or {}))
-
-    runner = _runner(llm)
-    runner.lookahead.pending = None  # dropped: its chained launch would replay a graph
-    saved, runner.graphs.graphs = runner.graphs.graphs, {}
-    calls = Calls()
-    try:
-        with calls:
-            for _ in range(steps):
-                llm.engine.step()
-    finally:
-        runner.graphs.graphs = saved
-    return "".join(f"{count / steps:6.1f} a step  {name}  {where}\n"
-                   for (name, where), count in calls.counts.most_common(20))
 
 
 def _latency(llm, ceilings, input_len, output_len, batch, warmup, iters) -> dict:

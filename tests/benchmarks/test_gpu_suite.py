@@ -48,10 +48,10 @@ def test_p4_stage_reports_host_time(tmp_path):
     assert p4["engine_time_s"] + p4["outside_execute_s"] == pytest.approx(p4["elapsed_time"])
     rows = [line for line in table if line.startswith("| P4")]
     assert len(rows) == 3 and "outside execute" in rows[1], table
-    # the batch-decode piece: timed steps, a profile ending with the indexing ops' callers
+    # the batch-decode piece: timed steps, then a per-op profile of as many more
     assert p4["batch_decode"]["wall_ms_per_step"] > 0 and "ms/step wall" in rows[2]
     profile = (tmp_path / "out" / "profile_p4.txt").read_text()
-    assert "aten.embedding" in profile.split("== indexing")[1]
+    assert "decode steps, batch" in profile and "Self CPU" in profile
 
 
 def test_ab_stage_runs_each_setting(tmp_path):
