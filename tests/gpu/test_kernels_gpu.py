@@ -90,7 +90,10 @@ def test_attention_long_prefill():
 
 @pytest.mark.parametrize("splits", [None, 4, 16])
 def test_attention_split_kv(splits):
-    attention_case(make_layer(32, 8, 128), [(8000, 1), (12000, 1), (50, 1)], splits=splits)
+    # 300 and 1000 keys: fewer 128-key tiles than 16 splits (the splits past the last
+    # tile exit; the combine reads only those with tiles); 50: one tile, written directly
+    attention_case(make_layer(32, 8, 128), [(8000, 1), (12000, 1), (50, 1), (300, 1),
+                                            (1000, 1)], splits=splits)
 
 
 def test_attention_window_softcap_alibi():
