@@ -172,7 +172,8 @@ def _combine_splits(out_ptr, part_acc_ptr, part_ml_ptr, tok, head, row_mask, d, 
     acc = tl.zeros([first.shape[0], d.shape[0]], tl.float32)
     for i in tl.static_range(NUM_SPLITS):
         w_i = tl.sum(tl.where(s[None, :] == i, w, 0.0), 1)
-        live = tl.full(first.shape, i, tl.int32) < active_splits  # (a vector: the interpreter)
+        # a vector, not a scalar comparison: Triton's interpreter rejects a scalar in a mask
+        live = tl.full(first.shape, i, tl.int32) < active_splits
         part = tl.load(part_acc_ptr + (first + i)[:, None] * head_dim + d[None, :],
                        mask=io_mask & live[:, None], other=0.0, cache_modifier=".cg")
         acc += part * w_i[:, None]
@@ -270,7 +271,7 @@ def _attention_kernel(
 
     io_mask = row_mask[:, None] & d_mask[None, :]
     out_rows = out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
-    if NUM_SPLITS == 1:
+    if NUM_SPLITS == 1:  # a compile-time branch: no partial path compiled at all
         _store_normalised(out_rows, acc, l_i, io_mask)
     elif active_splits == 1:  # the whole key range was this program's: no partials
         _store_normalised(out_rows, acc, l_i, io_mask)
