@@ -123,9 +123,10 @@ class FusedExperts(nn.Module):
         from pagoda.kernels.moe import warm_up_token_counts
         for tokens in warm_up_token_counts(self.num_experts, top_k, max_tokens):
             x = torch.zeros(tokens, w13.shape[2], dtype=w13.dtype, device=w13.device)
-            logits = torch.randn(tokens, self.num_experts, device=w13.device)
-            weights, ids = route(logits, top_k, renormalize=True)
-            fused_moe(x, w13, self.w2_weight, weights, ids, self.act_fn)
+            # round-robin routing in route()'s dtypes: no draw from the sampler's RNG
+            ids = torch.arange(tokens * top_k, device=w13.device).remainder_(self.num_experts)
+            weights = torch.full((tokens, top_k), 1.0 / top_k, device=w13.device)
+            fused_moe(x, w13, self.w2_weight, weights, ids.view(tokens, top_k), self.act_fn)
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor,
                 topk_ids: torch.Tensor) -> torch.Tensor:
