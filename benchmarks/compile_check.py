@@ -44,7 +44,7 @@ def _attention(splits: int, window: bool = False, decode: bool = True, rope: boo
     return dict(BLOCK_Q=4, BLOCK_M=16, QPKV_P2=4, DIM_P2=128, TILE_N=128, NUM_SPLITS=splits,
                 USE_SOFT_CAP=window, USE_WINDOW=window, USE_ALIBI=False, PAGED=True,
                 DECODE=decode, SPLITS_P2=splits, ROPE=rope, IS_NEOX=True, QK_NORM=qk_norm,
-                DOT_PREC="tf32", USE_PDL=True)
+                PRELOAD=rope, DOT_PREC="tf32", USE_PDL=True)
 
 
 SKINNY_TYPES = {"x_ptr": BF16, "w_ptr": BF16, "b_ptr": BF16, "r_ptr": BF16, "y_ptr": BF16,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 import traceback
@@ -76,6 +77,41 @@ def _graph_gpu_ms(llm, size: int, iters: int = 50) -> float:
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / iters
+
+
+def _graph_kernel_us(llm, size: int = 1, replays: int = 5) -> dict:
+    """One decode graph's kernels, replayed under the profiler: for each kernel of a decoder
+    layer (in order, counted from the layer's attention kernel), its median duration and the
+    median gap before it, in us. Under PDL (the default) a kernel's duration includes the
+    time it waited for its predecessor; with PAGODA_PDL=0 durations are the kernels' own."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    graphs = _runner(llm).graphs
+    if size not in graphs.graphs or SIZES["device"] != "cuda":
+        return {}
+    graphs.replay(size)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graphs.replay(size)
+        torch.cuda.synchronize()
+    kernels = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA
+                      and not e.name.startswith(("Memcpy", "Memset"))),
+                     key=lambda e: e.time_range.start)
+    attn = [i for i, e in enumerate(kernels) if "attention" in e.name]
+    if len(attn) < 3:
+        return {"kernels": len(kernels)}
+    period = attn[1] - attn[0]
+    rows = []
+    for offset in range(-1, period - 1):  # the GEMM before attention to the layer's last
+        idx = [a + offset for a in attn if 1 <= a + offset < len(kernels)]
+        durations = [kernels[i].time_range.elapsed_us() for i in idx]
+        gaps = [kernels[i].time_range.start - kernels[i - 1].time_range.end for i in idx]
+        rows.append({"offset": offset, "name": kernels[idx[0]].name[:40],
+                     "us": statistics.median(durations), "gap_us": statistics.median(gaps)})
+    span = kernels[-1].time_range.end - kernels[0].time_range.start
+    return {"per_layer": rows, "kernels_per_replay": len(kernels) / replays,
+            "replay_span_us": span / replays}
 
 
 def _profiler_activities() -> list:
@@ -194,6 +230,8 @@ def stage_llama(out: str) -> dict:
     open(os.path.join(out, QUIET_MARKER), "w").close()
     _guarded(result, out, "profile",
              lambda: _profile_decode(llm, os.path.join(out, "profile.txt")))
+    _guarded(result, out, "graph_kernels", lambda: _graph_kernel_us(llm))
+    print("batch-1 graph, one layer's kernels:", json.dumps(result.get("graph_kernels")))
     _guarded(result, out, "p1_no_lookahead", lambda: _no_lookahead_latency(llm, ceilings))
     _guarded(result, out, "p1_eager", lambda: _eager_latency(llm, ceilings))
     _guarded(result, out, "p3", lambda: _p3(llm, ceilings))

@@ -8,9 +8,9 @@ batches are padded) and is skipped, so the padded tail never touches a real bloc
 on its way into the cache (one launch per layer instead of two; the attention kernel reads
 every key from the cache). The arithmetic and roundings are the rotary kernel's. For models
 with a per-head RMSNorm on q and k before the rotation (Qwen3) it applies those too, which
-saves two norm kernels and two copies a layer. `_load_q` and `_write_new_kv` are the same
-rotation and write for the decode attention kernel (kernels/paged_attention.py), which at
-up to 64 decode sequences does them itself instead of this launch.
+saves two norm kernels and two copies a layer. `_load_q`, `_new_kv` and `_store_new_kv` are
+the same rotation and write for the decode attention kernel (kernels/paged_attention.py),
+which at up to 64 decode sequences does them itself instead of this launch.
 """
 
 from __future__ import annotations
@@ -183,21 +183,29 @@ def _load_q(q_rows, mask, d, cos_sin, half, head_dim, q_norm_ptr, eps, ROPE: tl.
 
 
 @triton.jit
-def _write_new_kv(new_k, new_v, cache_k, cache_v, slot, cos_sin, d, d_mask, half, head_dim,
-                  block_size, stride_kv_blk, stride_kv_slot, k_norm_ptr, eps,
-                  IS_NEOX: tl.constexpr, QK_NORM: tl.constexpr):
-    """Decode with the rotation fused in: this token's key (normalised and rotated as
-    `rope_and_write_kv` does) and value for one KV head go into the cache at `slot`
-    (-1: a padding token, nothing written), then a CTA barrier, so the key tile loads after
-    it see them."""
+def _new_kv(new_k, new_v, cache_k, cos_sin, d, d_mask, half, head_dim, k_norm_ptr, eps,
+            IS_NEOX: tl.constexpr, QK_NORM: tl.constexpr):
+    """Decode with the rotation fused in: this token's key for one KV head (normalised and
+    rotated as `rope_and_write_kv` does) and its value, [1, DIM] each, rounded as the cache
+    stores them."""
+    one_head = tl.zeros([1, 1], tl.int32)  # the [heads, 1] row shape the helper takes
+    k = _rotated_k(new_k + one_head, cos_sin, d[None, :], d_mask[None, :], half, head_dim,
+                   k_norm_ptr, eps, IS_NEOX, QK_NORM)
+    ty = cache_k.dtype.element_ty
+    v = tl.load(new_v + one_head + d[None, :], mask=d_mask[None, :], other=0.0)
+    return k.to(new_k.dtype.element_ty).to(ty), v.to(ty)
+
+
+@triton.jit
+def _store_new_kv(k, v, cache_k, cache_v, slot, d, d_mask, block_size, stride_kv_blk,
+                  stride_kv_slot):
+    """_new_kv's key and value into the cache at `slot` (-1: a padding token, nothing
+    written)."""
     if slot >= 0:
         row = (slot // block_size).to(tl.int64) * stride_kv_blk \
             + (slot % block_size).to(tl.int64) * stride_kv_slot
-        one_head = tl.zeros([1, 1], tl.int32)  # the [heads, 1] row shape the helper takes
-        _write_rotated_kv(new_k + one_head, new_v + one_head, cache_k + row + one_head,
-                          cache_v + row + one_head, cos_sin, d[None, :], d_mask[None, :],
-                          half, head_dim, k_norm_ptr, eps, IS_NEOX, QK_NORM)
-    tl.debug_barrier()
+        tl.store(cache_k + row + d[None, :], k, mask=d_mask[None, :])
+        tl.store(cache_v + row + d[None, :], v, mask=d_mask[None, :])
 
 
 def rope_and_write_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,

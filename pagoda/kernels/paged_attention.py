@@ -36,11 +36,15 @@ import torch
 import triton
 import triton.language as tl
 
-from pagoda.kernels.kv_cache import _load_q, _write_new_kv
+from pagoda.kernels.kv_cache import _load_q, _new_kv, _store_new_kv
 from pagoda.kernels.pdl import launch_args, wait_then_release
 
 # =0 gives decode the general grid, for A/B runs
 _DECODE_GRID = os.environ.get("PAGODA_ATTN_DECODE_GRID", "1") != "0"
+# =0 keeps a rotating decode step's first key tile after the PDL wait, for A/B runs
+_PRELOAD = os.environ.get("PAGODA_ATTN_PRELOAD", "1") != "0"
+# "TILE_N/NUM_WARPS" for those steps' programs, for A/B runs
+_ROPE_TILES = os.environ.get("PAGODA_ATTN_ROPE_TILES")
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 _OLD_COUNTERS: list[torch.Tensor] = []  # captured CUDA graphs may still point at these
 
@@ -142,6 +146,19 @@ def _masked_scores(s, kpos, kmask, q_pos, soft_cap, window, USE_SOFT_CAP: tl.con
 
 
 @triton.jit
+def _tile_probs(q, k, kpos, kmask, q_pos, m_i, l_i, scale, soft_cap, window, slope,
+                USE_SOFT_CAP: tl.constexpr, USE_WINDOW: tl.constexpr, USE_ALIBI: tl.constexpr,
+                DOT_PREC: tl.constexpr):
+    """One key tile's masked scores folded into the online softmax (_online_softmax_step's
+    results). k: [DIM, keys]."""
+    s = _masked_scores(tl.dot(q, k.to(q.dtype), input_precision=DOT_PREC) * scale, kpos,
+                       kmask, q_pos, soft_cap, window, USE_SOFT_CAP, USE_WINDOW)
+    if USE_ALIBI:  # after the mask: a masked score stays -inf
+        s += slope[:, None] * (kpos[None, :] - q_pos[:, None]).to(tl.float32)
+    return _online_softmax_step(s, m_i, l_i)
+
+
+@triton.jit
 def _online_softmax_step(s, m_i, l_i):
     """Folds a tile of scores into the running max and sum: the tile's probabilities, the
     factor that rescales what was accumulated so far, the new max and the new sum."""
@@ -205,9 +222,10 @@ def _attention_kernel(
     USE_SOFT_CAP: tl.constexpr, USE_WINDOW: tl.constexpr, USE_ALIBI: tl.constexpr,
     PAGED: tl.constexpr, DECODE: tl.constexpr, SPLITS_P2: tl.constexpr,
     ROPE: tl.constexpr, IS_NEOX: tl.constexpr, QK_NORM: tl.constexpr,
-    DOT_PREC: tl.constexpr, USE_PDL: tl.constexpr,
+    PRELOAD: tl.constexpr, DOT_PREC: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    wait_then_release(USE_PDL)
+    if not PRELOAD:
+        wait_then_release(USE_PDL)
     q_block = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -233,36 +251,59 @@ def _attention_kernel(
     tok = (q_start + qi).to(tl.int64)
     d = tl.arange(0, DIM_P2)
     d_mask = d < head_dim
+    kv_head_off = kv_head.to(tl.int64) * stride_kv_head
+    cos_sin = 0
+    if ROPE:  # decode: the first key tile, then (PRELOAD) wait for q/k/v
+        cos_sin = cos_sin_ptr + tl.load(pos_ptr + q_start).to(tl.int64) * stride_cs
+        slot = tl.load(slot_ptr + q_start)
+        kpos0 = tile_lo * TILE_N + tl.arange(0, TILE_N)
+        kmask0 = kpos0 < kv_end
+        krow0 = _key_rows(block_table_ptr, seq, stride_bt, q_start, kpos0, kmask0, block_size,
+                          stride_kv_blk, stride_kv_slot, PAGED) + kv_head_off
+        k0 = tl.load(k_ptr + krow0[None, :] + d[:, None],
+                     mask=d_mask[:, None] & kmask0[None, :], other=0.0)
+        v0 = tl.load(v_ptr + krow0[:, None] + d[None, :],
+                     mask=kmask0[:, None] & d_mask[None, :], other=0.0)
+    if PRELOAD:
+        wait_then_release(USE_PDL)
     q_rows = q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh
-    cos_sin = cos_sin_ptr + tl.load(pos_ptr + q_start).to(tl.int64) * stride_cs if ROPE else 0
     q = _load_q(q_rows, row_mask[:, None] & d_mask[None, :], d, cos_sin, half, head_dim,
                 q_norm_ptr, eps, ROPE, IS_NEOX, QK_NORM)
+    slope = 0.0
     if USE_ALIBI:
         slope = tl.load(alibi_ptr + head, mask=row_mask, other=0.0).to(tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DIM_P2], tl.float32)
-    kv_head_off = kv_head.to(tl.int64) * stride_kv_head
+    first_tile = tile_lo
     if ROPE:
-        if (tile_lo < tile_hi) & (tile_hi * TILE_N >= kv_end):  # this split reads the new key
-            _write_new_kv(new_k_ptr + q_start * stride_nk_t + kv_head * stride_nk_h,
-                          new_v_ptr + q_start * stride_nv_t + kv_head * stride_nv_h,
-                          k_ptr + kv_head_off, v_ptr + kv_head_off, tl.load(slot_ptr + q_start),
-                          cos_sin, d, d_mask, half, head_dim, block_size, stride_kv_blk,
-                          stride_kv_slot, k_norm_ptr, eps, IS_NEOX, QK_NORM)
-    for t in range(tile_lo, tile_hi):
+        if (tile_lo < tile_hi) & (tile_hi * TILE_N >= kv_end):  # this split holds the new key
+            new_k, new_v = _new_kv(new_k_ptr + q_start * stride_nk_t + kv_head * stride_nk_h,
+                                   new_v_ptr + q_start * stride_nv_t + kv_head * stride_nv_h,
+                                   k_ptr, cos_sin, d, d_mask, half, head_dim, k_norm_ptr, eps,
+                                   IS_NEOX, QK_NORM)
+            _store_new_kv(new_k, new_v, k_ptr + kv_head_off, v_ptr + kv_head_off, slot, d,
+                          d_mask, block_size, stride_kv_blk, stride_kv_slot)
+            # the first tile was loaded before the key was written: put it in its place
+            k0 = tl.where(kpos0[None, :] == kv_end - 1, tl.trans(new_k), k0)
+            v0 = tl.where(kpos0[:, None] == kv_end - 1, new_v, v0)
+            tl.debug_barrier()  # later tiles read it from the cache
+        p, alpha, m_i, l_i = _tile_probs(q, k0, kpos0, kmask0, q_pos, m_i, l_i, scale,
+                                         soft_cap, window, slope, USE_SOFT_CAP, USE_WINDOW,
+                                         USE_ALIBI, DOT_PREC)
+        acc = tl.dot(p.to(q.dtype), v0.to(q.dtype), input_precision=DOT_PREC)
+        first_tile = tile_lo + 1
+    for t in range(first_tile, tile_hi):
         kpos = t * TILE_N + tl.arange(0, TILE_N)
         kmask = kpos < kv_end
         krow = _key_rows(block_table_ptr, seq, stride_bt, q_start, kpos, kmask, block_size,
                          stride_kv_blk, stride_kv_slot, PAGED) + kv_head_off
         k = tl.load(k_ptr + krow[None, :] + d[:, None], mask=d_mask[:, None] & kmask[None, :],
                     other=0.0)
-        s = _masked_scores(tl.dot(q, k.to(q.dtype), input_precision=DOT_PREC) * scale, kpos,
-                           kmask, q_pos, soft_cap, window, USE_SOFT_CAP, USE_WINDOW)
-        if USE_ALIBI:  # after the mask: a masked score stays -inf
-            s += slope[:, None] * (kpos[None, :] - q_pos[:, None]).to(tl.float32)
-        p, alpha, m_new, l_i = _online_softmax_step(s, m_i, l_i)
+        p, alpha, m_new, l_i = _tile_probs(q, k, kpos, kmask, q_pos, m_i, l_i, scale,
+                                           soft_cap, window, slope, USE_SOFT_CAP, USE_WINDOW,
+                                           USE_ALIBI, DOT_PREC)
         v = tl.load(v_ptr + krow[:, None] + d[None, :], mask=kmask[:, None] & d_mask[None, :],
                     other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype),
@@ -348,6 +389,9 @@ def paged_attention(
     paged = block_table is not None
     num_kv_heads = key.shape[2] if paged else key.shape[1]
     qpkv = num_heads // num_kv_heads
+    if decode_rope is not None and _ROPE_TILES:
+        tile, warps = (int(x) for x in _ROPE_TILES.split("/"))
+        config = {**(config or {}), "tile_n": tile, "num_warps": warps}
     cfg = choose_config(max_query_len, qpkv, head_dim, num_splits, config)
     block_m, block_q, tile_n = cfg["block_m"], cfg["block_q"], tile_n or cfg["tile_n"]
     dim_p2 = triton.next_power_of_2(head_dim)
@@ -389,6 +433,7 @@ def paged_attention(
         SPLITS_P2=triton.next_power_of_2(num_splits), ROPE=decode_rope is not None,
         IS_NEOX=decode_rope is None or decode_rope.is_neox,
         QK_NORM=decode_rope is not None and decode_rope.qk_norm is not None,
+        PRELOAD=decode_rope is not None and _PRELOAD,
         DOT_PREC="ieee" if q.dtype == torch.float32 else None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_args(q.device),
     )
