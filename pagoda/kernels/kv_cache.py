@@ -8,9 +8,10 @@ batches are padded) and is skipped, so the padded tail never touches a real bloc
 on its way into the cache (one launch per layer instead of two; the attention kernel reads
 every key from the cache). The arithmetic and roundings are the rotary kernel's. For models
 with a per-head RMSNorm on q and k before the rotation (Qwen3) it applies those too, which
-saves two norm kernels and two copies a layer. `_load_q`, `_new_kv` and `_store_new_kv` are
-the same rotation and write for the decode attention kernel (kernels/paged_attention.py),
-which at up to 64 decode sequences does them itself instead of this launch.
+saves two norm kernels and two copies a layer. `_load_q`, `_new_kv`, `_store_new_kv` and
+`_write_new_kv` are the same rotation and write for the decode attention kernel
+(kernels/paged_attention.py), which at up to 64 decode sequences does them itself instead of
+this launch.
 """
 
 from __future__ import annotations
@@ -206,6 +207,18 @@ def _store_new_kv(k, v, cache_k, cache_v, slot, d, d_mask, block_size, stride_kv
             + (slot % block_size).to(tl.int64) * stride_kv_slot
         tl.store(cache_k + row + d[None, :], k, mask=d_mask[None, :])
         tl.store(cache_v + row + d[None, :], v, mask=d_mask[None, :])
+
+
+@triton.jit
+def _write_new_kv(new_k, new_v, cache_k, cache_v, slot, cos_sin, d, d_mask, half, head_dim,
+                  block_size, stride_kv_blk, stride_kv_slot, k_norm_ptr, eps,
+                  IS_NEOX: tl.constexpr, QK_NORM: tl.constexpr):
+    """_new_kv into the cache, then a CTA barrier, so the key tile loads after it see it."""
+    k, v = _new_kv(new_k, new_v, cache_k, cos_sin, d, d_mask, half, head_dim, k_norm_ptr, eps,
+                   IS_NEOX, QK_NORM)
+    _store_new_kv(k, v, cache_k, cache_v, slot, d, d_mask, block_size, stride_kv_blk,
+                  stride_kv_slot)
+    tl.debug_barrier()
 
 
 def rope_and_write_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,

@@ -36,13 +36,14 @@ import torch
 import triton
 import triton.language as tl
 
-from pagoda.kernels.kv_cache import _load_q, _new_kv, _store_new_kv
+from pagoda.kernels.kv_cache import _load_q, _new_kv, _store_new_kv, _write_new_kv
 from pagoda.kernels.pdl import launch_args, wait_then_release
 
 # =0 gives decode the general grid, for A/B runs
 _DECODE_GRID = os.environ.get("PAGODA_ATTN_DECODE_GRID", "1") != "0"
-# =0 keeps a rotating decode step's first key tile after the PDL wait, for A/B runs
+# =0 keeps a rotating decode step's first key tiles after the PDL wait, for A/B runs
 _PRELOAD = os.environ.get("PAGODA_ATTN_PRELOAD", "1") != "0"
+_PRELOAD_MAX_SEQS = 16
 # "TILE_N/NUM_WARPS" for those steps' programs, for A/B runs
 _ROPE_TILES = os.environ.get("PAGODA_ATTN_ROPE_TILES")
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
@@ -146,13 +147,11 @@ def _masked_scores(s, kpos, kmask, q_pos, soft_cap, window, USE_SOFT_CAP: tl.con
 
 
 @triton.jit
-def _tile_probs(q, k, kpos, kmask, q_pos, m_i, l_i, scale, soft_cap, window, slope,
-                USE_SOFT_CAP: tl.constexpr, USE_WINDOW: tl.constexpr, USE_ALIBI: tl.constexpr,
-                DOT_PREC: tl.constexpr):
-    """One key tile's masked scores folded into the online softmax (_online_softmax_step's
-    results). k: [DIM, keys]."""
-    s = _masked_scores(tl.dot(q, k.to(q.dtype), input_precision=DOT_PREC) * scale, kpos,
-                       kmask, q_pos, soft_cap, window, USE_SOFT_CAP, USE_WINDOW)
+def _tile_probs(s, kpos, kmask, q_pos, m_i, l_i, soft_cap, window, slope,
+                USE_SOFT_CAP: tl.constexpr, USE_WINDOW: tl.constexpr, USE_ALIBI: tl.constexpr):
+    """One key tile's scaled scores [rows, keys], masked and folded into the online softmax
+    (_online_softmax_step's results)."""
+    s = _masked_scores(s, kpos, kmask, q_pos, soft_cap, window, USE_SOFT_CAP, USE_WINDOW)
     if USE_ALIBI:  # after the mask: a masked score stays -inf
         s += slope[:, None] * (kpos[None, :] - q_pos[:, None]).to(tl.float32)
     return _online_softmax_step(s, m_i, l_i)
@@ -252,63 +251,71 @@ def _attention_kernel(
     d = tl.arange(0, DIM_P2)
     d_mask = d < head_dim
     kv_head_off = kv_head.to(tl.int64) * stride_kv_head
-    cos_sin = 0
-    if ROPE:  # decode: the first key tile, then (PRELOAD) wait for q/k/v
-        cos_sin = cos_sin_ptr + tl.load(pos_ptr + q_start).to(tl.int64) * stride_cs
-        slot = tl.load(slot_ptr + q_start)
-        kpos0 = tile_lo * TILE_N + tl.arange(0, TILE_N)
-        kmask0 = kpos0 < kv_end
-        krow0 = _key_rows(block_table_ptr, seq, stride_bt, q_start, kpos0, kmask0, block_size,
-                          stride_kv_blk, stride_kv_slot, PAGED) + kv_head_off
-        k0 = tl.load(k_ptr + krow0[None, :] + d[:, None],
-                     mask=d_mask[:, None] & kmask0[None, :], other=0.0)
-        v0 = tl.load(v_ptr + krow0[:, None] + d[None, :],
-                     mask=kmask0[:, None] & d_mask[None, :], other=0.0)
-    if PRELOAD:
-        wait_then_release(USE_PDL)
+    cos_sin = cos_sin_ptr + tl.load(pos_ptr + q_start).to(tl.int64) * stride_cs if ROPE else 0
+    holds_new_key = (tile_lo < tile_hi) & (tile_hi * TILE_N >= kv_end)  # (decode)
     q_rows = q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh
-    q = _load_q(q_rows, row_mask[:, None] & d_mask[None, :], d, cos_sin, half, head_dim,
-                q_norm_ptr, eps, ROPE, IS_NEOX, QK_NORM)
     slope = 0.0
     if USE_ALIBI:
         slope = tl.load(alibi_ptr + head, mask=row_mask, other=0.0).to(tl.float32)
+    if PRELOAD:  # q comes inside the loop, after the wait
+        q = tl.zeros([BLOCK_M, DIM_P2], q_ptr.dtype.element_ty)
+        new_v = tl.zeros([1, DIM_P2], k_ptr.dtype.element_ty)
+        new_score = tl.zeros([BLOCK_M], tl.float32)
+    else:
+        q = _load_q(q_rows, row_mask[:, None] & d_mask[None, :], d, cos_sin, half, head_dim,
+                    q_norm_ptr, eps, ROPE, IS_NEOX, QK_NORM)
+        if ROPE:
+            if holds_new_key:
+                _write_new_kv(new_k_ptr + q_start * stride_nk_t + kv_head * stride_nk_h,
+                              new_v_ptr + q_start * stride_nv_t + kv_head * stride_nv_h,
+                              k_ptr + kv_head_off, v_ptr + kv_head_off,
+                              tl.load(slot_ptr + q_start), cos_sin, d, d_mask, half, head_dim,
+                              block_size, stride_kv_blk, stride_kv_slot, k_norm_ptr, eps,
+                              IS_NEOX, QK_NORM)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DIM_P2], tl.float32)
-    first_tile = tile_lo
-    if ROPE:
-        if (tile_lo < tile_hi) & (tile_hi * TILE_N >= kv_end):  # this split holds the new key
-            new_k, new_v = _new_kv(new_k_ptr + q_start * stride_nk_t + kv_head * stride_nk_h,
-                                   new_v_ptr + q_start * stride_nv_t + kv_head * stride_nv_h,
-                                   k_ptr, cos_sin, d, d_mask, half, head_dim, k_norm_ptr, eps,
-                                   IS_NEOX, QK_NORM)
-            _store_new_kv(new_k, new_v, k_ptr + kv_head_off, v_ptr + kv_head_off, slot, d,
-                          d_mask, block_size, stride_kv_blk, stride_kv_slot)
-            # the first tile was loaded before the key was written: put it in its place
-            k0 = tl.where(kpos0[None, :] == kv_end - 1, tl.trans(new_k), k0)
-            v0 = tl.where(kpos0[:, None] == kv_end - 1, new_v, v0)
-            tl.debug_barrier()  # later tiles read it from the cache
-        p, alpha, m_i, l_i = _tile_probs(q, k0, kpos0, kmask0, q_pos, m_i, l_i, scale,
-                                         soft_cap, window, slope, USE_SOFT_CAP, USE_WINDOW,
-                                         USE_ALIBI, DOT_PREC)
-        acc = tl.dot(p.to(q.dtype), v0.to(q.dtype), input_precision=DOT_PREC)
-        first_tile = tile_lo + 1
-    for t in range(first_tile, tile_hi):
+    for t in range(tile_lo, tile_hi):
         kpos = t * TILE_N + tl.arange(0, TILE_N)
         kmask = kpos < kv_end
+        # PRELOAD: the loads skip the new key's slot (not written yet), whose score and value
+        # come from registers below; the pipeliner issues the first tiles' loads before the
+        # loop, so they run while the q/k/v GEMM does
+        load_mask = kmask & (kpos != kv_end - 1) if PRELOAD else kmask
         krow = _key_rows(block_table_ptr, seq, stride_bt, q_start, kpos, kmask, block_size,
                          stride_kv_blk, stride_kv_slot, PAGED) + kv_head_off
-        k = tl.load(k_ptr + krow[None, :] + d[:, None], mask=d_mask[:, None] & kmask[None, :],
-                    other=0.0)
-        p, alpha, m_new, l_i = _tile_probs(q, k, kpos, kmask, q_pos, m_i, l_i, scale,
-                                           soft_cap, window, slope, USE_SOFT_CAP, USE_WINDOW,
-                                           USE_ALIBI, DOT_PREC)
-        v = tl.load(v_ptr + krow[:, None] + d[None, :], mask=kmask[:, None] & d_mask[None, :],
-                    other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype),
-                                            input_precision=DOT_PREC)
+        k = tl.load(k_ptr + krow[None, :] + d[:, None],
+                    mask=d_mask[:, None] & load_mask[None, :], other=0.0)
+        if PRELOAD:
+            if t == tile_lo:
+                wait_then_release(USE_PDL)
+                q = _load_q(q_rows, row_mask[:, None] & d_mask[None, :], d, cos_sin, half,
+                            head_dim, q_norm_ptr, eps, ROPE, IS_NEOX, QK_NORM)
+                if holds_new_key:
+                    new_k, new_v = _new_kv(
+                        new_k_ptr + q_start * stride_nk_t + kv_head * stride_nk_h,
+                        new_v_ptr + q_start * stride_nv_t + kv_head * stride_nv_h, k_ptr,
+                        cos_sin, d, d_mask, half, head_dim, k_norm_ptr, eps, IS_NEOX, QK_NORM)
+                    _store_new_kv(new_k, new_v, k_ptr + kv_head_off, v_ptr + kv_head_off,
+                                  tl.load(slot_ptr + q_start), d, d_mask, block_size,
+                                  stride_kv_blk, stride_kv_slot)
+                    new_score = tl.sum(q.to(tl.float32) * new_k.to(tl.float32), 1)
+        s = tl.dot(q, k.to(q.dtype), input_precision=DOT_PREC)
+        if PRELOAD:
+            s = tl.where(kpos[None, :] == kv_end - 1, new_score[:, None], s)
+        p, alpha, m_new, l_i = _tile_probs(s * scale, kpos, kmask, q_pos, m_i, l_i, soft_cap,
+                                           window, slope, USE_SOFT_CAP, USE_WINDOW, USE_ALIBI)
+        v = tl.load(v_ptr + krow[:, None] + d[None, :],
+                    mask=load_mask[:, None] & d_mask[None, :], other=0.0)
+        p = p.to(q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p, v.to(q.dtype), input_precision=DOT_PREC)
+        if PRELOAD:
+            p_new = tl.sum(tl.where(kpos[None, :] == kv_end - 1, p.to(tl.float32), 0.0), 1)
+            acc += p_new[:, None] * new_v.to(q.dtype).to(tl.float32)
         m_i = m_new
+    if PRELOAD:  # a row without keys never entered the loop (a second wait returns at once)
+        wait_then_release(USE_PDL)
 
     io_mask = row_mask[:, None] & d_mask[None, :]
     out_rows = out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
@@ -433,7 +440,7 @@ def paged_attention(
         SPLITS_P2=triton.next_power_of_2(num_splits), ROPE=decode_rope is not None,
         IS_NEOX=decode_rope is None or decode_rope.is_neox,
         QK_NORM=decode_rope is not None and decode_rope.qk_norm is not None,
-        PRELOAD=decode_rope is not None and _PRELOAD,
+        PRELOAD=decode_rope is not None and _PRELOAD and num_seqs <= _PRELOAD_MAX_SEQS,
         DOT_PREC="ieee" if q.dtype == torch.float32 else None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_args(q.device),
     )
