@@ -55,7 +55,7 @@ def _skinny(**flags) -> dict:
     """The skinny GEMM as Llama-3.1-8B's decode layers launch it (plain: q/k/v's tiles)."""
     return dict(dict(HAS_BIAS=False, NORM=False, PARTS_P2=128, GATED=False, ACT=0,
                      RESIDUAL=False, SUM_SQUARES=False, EVEN_K=True, BLOCK_N=64, BLOCK_K=256,
-                     DOT_PREC="tf32", USE_PDL=True, EARLY_W=True, STAGES=4), **flags)
+                     DOT_PREC="tf32", USE_PDL=True), **flags)
 
 
 ROPE_TYPES = {"pos_ptr": "*i64", "q_ptr": BF16, "k_ptr": BF16, "v_ptr": BF16,

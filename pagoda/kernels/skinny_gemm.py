@@ -28,9 +28,6 @@ MAX_ROWS = 16
 # cuBLAS kernel also breaks the launch overlap on both sides. Measured on Llama-3.1-8B P1
 # (H200, 2026-11-29): 4.44 against 4.40 ms a step, so it stays off; kept for A/B runs.
 _ALL_SHAPES = os.environ.get("PAGODA_SKINNY_ALL") == "1"
-# =0 waits for the previous kernel before the first weight tile loads; =nores streams early
-# only in GEMMs without a residual epilogue (A/B runs)
-_EARLY_W = os.environ.get("PAGODA_SKINNY_EARLY", "1")
 
 
 @triton.jit
@@ -74,17 +71,15 @@ def _skinny_gemm_kernel(
     PARTS_P2: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr,
     SUM_SQUARES: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr, USE_PDL: tl.constexpr,
-    EARLY_W: tl.constexpr, STAGES: tl.constexpr,
 ):
-    if not EARLY_W:
-        wait_then_release(USE_PDL)
+    wait_then_release(USE_PDL)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.arange(0, 16)
     ks = tl.arange(0, BLOCK_K)
     col_mask = cols < N
     row_mask = rows < M
     inv_rms = tl.zeros([16], tl.float32)
-    if NORM and not EARLY_W:  # loaded before the loop, which then only streams x and w
+    if NORM:  # loaded before the loop, which then only streams x and w into the dots
         inv_rms = _inv_rms(s_in_ptr, rows, row_mask, num_parts, K, eps, PARTS_P2)
     x_base = x_ptr + rows[:, None] * stride_xm
     w_base = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
@@ -103,21 +98,10 @@ def _skinny_gemm_kernel(
             w_mask = col_mask[:, None] & (kk < K)[None, :]
         x = tl.load(x_base + kk[None, :], mask=x_mask, other=0.0)
         w = tl.load(w_base + kk[None, :], mask=w_mask, other=0.0)
-        if EARLY_W:
-            # The pipeliner issues the first STAGES - 1 iterations' loads before the loop
-            # and the next one early in this body: the weight tiles stream in while the
-            # previous kernel finishes, but their x tiles may predate its output, so x is
-            # read again (from L2, past L1) for the first STAGES iterations, after the wait.
-            if k0 == 0:
-                wait_then_release(USE_PDL)
-            if k0 < STAGES * BLOCK_K:
-                x = tl.load(x_base + kk[None, :], mask=x_mask, other=0.0, cache_modifier=".cg")
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PREC)
         if GATED:
             wu = tl.load(up_base + kk[None, :], mask=w_mask, other=0.0)
             up = tl.dot(x, tl.trans(wu), up, input_precision=DOT_PREC)
-    if NORM and EARLY_W:  # after the wait, which the loop's first iteration made
-        inv_rms = _inv_rms(s_in_ptr, rows, row_mask, num_parts, K, eps, PARTS_P2)
     out_mask = row_mask[:, None] & col_mask[None, :]
     y = _epilogue(acc, up, inv_rms, b_ptr, r_ptr, rows, cols, col_mask, out_mask, N, stride_rm,
                   y_ptr.dtype.element_ty, HAS_BIAS, NORM, GATED, ACT, RESIDUAL)
@@ -262,11 +246,6 @@ def _launch(x, weight, bias, config, y, *, act=None, square_sums=None, eps=1e-6,
     block_n = cfg["block_n"]
     n_out = y.shape[1]
     num_parts = square_sums.shape[1] if square_sums is not None else 1
-    pdl = launch_args(x.device)
-    # only under PDL can the weights stream before the previous kernel ends (the CPU runs
-    # the same path through the interpreter, for its tests)
-    early_w = (_EARLY_W == "1" or (_EARLY_W == "nores" and not residual)) \
-        and (pdl["USE_PDL"] or not x.is_cuda)
     _skinny_gemm_kernel[(triton.cdiv(n_out, block_n),)](
         x2d, weight, _or(bias, weight), y, y, _or(square_sums, y), _or(sums_out, y),
         x2d.shape[0], n_out, k, x2d.stride(0), weight.stride(0), y.stride(0), y.stride(0),
@@ -274,9 +253,8 @@ def _launch(x, weight, bias, config, y, *, act=None, square_sums=None, eps=1e-6,
         PARTS_P2=triton.next_power_of_2(num_parts), GATED=act is not None,
         ACT=_ACTS[act or "silu"], RESIDUAL=residual, SUM_SQUARES=sums_out is not None,
         EVEN_K=k % cfg["block_k"] == 0, BLOCK_N=block_n, BLOCK_K=cfg["block_k"],
-        DOT_PREC="ieee" if x.dtype == torch.float32 else None, EARLY_W=early_w,
-        STAGES=cfg["num_stages"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        **pdl,
+        DOT_PREC="ieee" if x.dtype == torch.float32 else None,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_args(x.device),
     )
 
 
