@@ -3,6 +3,18 @@
 The KV cache has already been written for this step, so every key of a sequence, old or new,
 is read from the paged cache through the block table. (Except with `decode_rope`, at decode:
 the program whose split holds the new key rotates it and writes it with its value first.)
+
+With `decode_rope` and up to 16 sequences (PRELOAD), the old keys stream in while the q/k/v
+GEMM before this kernel still runs: under PDL the kernel is resident early, and its PDL wait
+sits inside the key loop's first iteration, so the first K/V tiles that Triton's pipeliner
+issues before the loop load before the wait. Only the old keys can load early: the loads skip
+the new key's slot, whose score (q . k) and value join each tile from registers. q and the
+new key are read after the wait; they sit inside a branch, and the pipeliner hoists only a
+loop's top-level loads. On the H200 (Llama-3.1-8B P1, same-call A/B) a step went from 4.22
+to 4.17 ms, graph 4.01 -> 3.97 ms at batch 1 and 4.05 -> 4.00 at batch 8. A first form,
+with the first tile peeled and held in registers before the wait, lost (4.27 ms: 255
+registers and layout conversions).
+
 A program owns BLOCK_Q consecutive queries of one sequence times the query heads that share
 one KV head (GQA packs those heads into the rows of one tile, so each K/V tile is loaded once
 for the whole group) and loops over the keys in tiles of TILE_N with an online softmax.
@@ -44,8 +56,6 @@ _DECODE_GRID = os.environ.get("PAGODA_ATTN_DECODE_GRID", "1") != "0"
 # =0 keeps a rotating decode step's first key tiles after the PDL wait, for A/B runs
 _PRELOAD = os.environ.get("PAGODA_ATTN_PRELOAD", "1") != "0"
 _PRELOAD_MAX_SEQS = 16
-# "TILE_N/NUM_WARPS" for those steps' programs, for A/B runs
-_ROPE_TILES = os.environ.get("PAGODA_ATTN_ROPE_TILES")
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 _OLD_COUNTERS: list[torch.Tensor] = []  # captured CUDA graphs may still point at these
 
@@ -396,9 +406,6 @@ def paged_attention(
     paged = block_table is not None
     num_kv_heads = key.shape[2] if paged else key.shape[1]
     qpkv = num_heads // num_kv_heads
-    if decode_rope is not None and _ROPE_TILES:
-        tile, warps = (int(x) for x in _ROPE_TILES.split("/"))
-        config = {**(config or {}), "tile_n": tile, "num_warps": warps}
     cfg = choose_config(max_query_len, qpkv, head_dim, num_splits, config)
     block_m, block_q, tile_n = cfg["block_m"], cfg["block_q"], tile_n or cfg["tile_n"]
     dim_p2 = triton.next_power_of_2(head_dim)

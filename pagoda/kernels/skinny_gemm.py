@@ -192,7 +192,11 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     columns in ragged ranges over whole waves of SMs (q/k/v on 132 programs instead of 96
     tiles): 4.19 against 4.17 ms a P1 step. Nor did removing the gate_up -> down_proj boundary
     with a one-kernel MLP (a program per SM, partials reduced after a grid barrier): 88.8 us
-    a Llama-8B MLP at batch 1 either way, 102 against 89 at batch 8 (removed in 7ebc780)."""
+    a Llama-8B MLP at batch 1 either way, 102 against 89 at batch 8 (removed in 7ebc780).
+    Nor did moving the PDL wait into the K loop's first iteration, as the decode attention
+    does, so that the pipeliner's first weight tiles load early (x read again after the
+    wait): 15.2 and 7.0 ms a P1 step (all GEMMs; all but o_proj and down) against 4.16, at
+    240-255 registers with spills (removed in 70f85aa)."""
     m, n_out = _check(x, weight, act)
     if square_sums is not None and (square_sums.shape[0] != m or square_sums.dim() != 2
                                     or not square_sums.is_contiguous()):
