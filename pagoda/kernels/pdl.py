@@ -6,11 +6,12 @@ With PDL a kernel launched with `launch_pdl=True` may be scheduled while the pre
 in the stream is still running; it must then wait (`griddepcontrol.wait`, which returns once
 the previous grid has completed and its writes are visible) before it touches memory another
 kernel writes. Our kernels wait first thing and then allow their own dependents to launch,
-so only the launch and scheduling overlap, never a read or write; the one exception is the
-decode attention, which reads old KV-cache entries before its wait (kernels/paged_attention.py:
-when a kernel runs, the one before the one before it has completed, so only the previous
-kernel's output is off limits). CUDA graphs keep the
-programmatic edges. Kernels not launched this way (cuBLAS, PyTorch's) keep full ordering.
+so only the launch and scheduling overlap, never a read or write. The one exception is the
+decode attention, which reads old KV-cache entries and the step's inputs before its wait
+(kernels/paged_attention.py): since every kernel releases its dependents only after its own
+wait, when a kernel starts, all but the kernel just before it have completed, so only that
+kernel's output is off limits. CUDA graphs keep the programmatic edges. Kernels not
+launched this way (cuBLAS, PyTorch's) keep full ordering.
 
 PAGODA_PDL=0 turns it off; Triton's interpreter and pre-Hopper GPUs never use it.
 """

@@ -195,9 +195,9 @@ def attn_rope(request, monkeypatch):
 
 # decode batches as CUDA graphs pad them (as many padded tokens as padded sequences), with
 # and without splits; with 16-key tiles, 3 splits give the new key to a middle split. The
-# kernel loads each program's first key tile before the new key is written and puts the new
-# key in its place: the last case has the new key in a split's first tile (48 keys) and in
-# a later one (60 keys: split 1 walks tiles 2 and 3)
+# kernel's key loads skip the new key's slot (NaN here, as the cache before the write) and
+# take its score and value from registers: the last case has the new key in a split's first
+# tile (48 keys) and in a later one (60 keys: split 1 walks tiles 2 and 3)
 DECODE_ROPE_CASES = [dict(seqs=[(10, 1), (30, 1), (4, 1)], pad_tokens=2, pad_reqs=2),
                      dict(seqs=[(40, 1), (7, 1)], splits=3),
                      dict(seqs=[(59, 1), (47, 1)], splits=2)]
