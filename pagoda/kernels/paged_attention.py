@@ -53,9 +53,11 @@ from pagoda.kernels.pdl import launch_args, wait_then_release
 
 # =0 gives decode the general grid, for A/B runs
 _DECODE_GRID = os.environ.get("PAGODA_ATTN_DECODE_GRID", "1") != "0"
-# =0 keeps a rotating decode step's first key tiles after the PDL wait, for A/B runs
+# =0 keeps a rotating decode step's first key tiles after the PDL wait, for A/B runs; up to
+# PAGODA_ATTN_PRELOAD_MAX sequences (a decode step of more rotates in the KV-write kernel
+# above 64 anyway)
 _PRELOAD = os.environ.get("PAGODA_ATTN_PRELOAD", "1") != "0"
-_PRELOAD_MAX_SEQS = 16
+_PRELOAD_MAX_SEQS = int(os.environ.get("PAGODA_ATTN_PRELOAD_MAX", "16"))
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 _OLD_COUNTERS: list[torch.Tensor] = []  # captured CUDA graphs may still point at these
 
