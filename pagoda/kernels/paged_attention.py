@@ -265,6 +265,8 @@ def _attention_kernel(
     kv_head_off = kv_head.to(tl.int64) * stride_kv_head
     cos_sin = cos_sin_ptr + tl.load(pos_ptr + q_start).to(tl.int64) * stride_cs if ROPE else 0
     holds_new_key = (tile_lo < tile_hi) & (tile_hi * TILE_N >= kv_end)  # (decode)
+    new_k_row = new_k_ptr + q_start * stride_nk_t + kv_head * stride_nk_h  # (decode)
+    new_v_row = new_v_ptr + q_start * stride_nv_t + kv_head * stride_nv_h
     q_rows = q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh
     slope = 0.0
     if USE_ALIBI:
@@ -278,9 +280,7 @@ def _attention_kernel(
                     q_norm_ptr, eps, ROPE, IS_NEOX, QK_NORM)
         if ROPE:
             if holds_new_key:
-                _write_new_kv(new_k_ptr + q_start * stride_nk_t + kv_head * stride_nk_h,
-                              new_v_ptr + q_start * stride_nv_t + kv_head * stride_nv_h,
-                              k_ptr + kv_head_off, v_ptr + kv_head_off,
+                _write_new_kv(new_k_row, new_v_row, k_ptr + kv_head_off, v_ptr + kv_head_off,
                               tl.load(slot_ptr + q_start), cos_sin, d, d_mask, half, head_dim,
                               block_size, stride_kv_blk, stride_kv_slot, k_norm_ptr, eps,
                               IS_NEOX, QK_NORM)
@@ -294,7 +294,10 @@ def _attention_kernel(
         # PRELOAD: the loads skip the new key's slot (not written yet), whose score and value
         # come from registers below; the pipeliner issues the first tiles' loads before the
         # loop, so they run while the q/k/v GEMM does
-        load_mask = kmask & (kpos != kv_end - 1) if PRELOAD else kmask
+        load_mask = kmask
+        if PRELOAD:
+            is_new_key = kpos == kv_end - 1  # decode: the last key is this step's
+            load_mask = kmask & ~is_new_key
         krow = _key_rows(block_table_ptr, seq, stride_bt, q_start, kpos, kmask, block_size,
                          stride_kv_blk, stride_kv_slot, PAGED) + kv_head_off
         k = tl.load(k_ptr + krow[None, :] + d[:, None],
@@ -305,17 +308,15 @@ def _attention_kernel(
                 q = _load_q(q_rows, row_mask[:, None] & d_mask[None, :], d, cos_sin, half,
                             head_dim, q_norm_ptr, eps, ROPE, IS_NEOX, QK_NORM)
                 if holds_new_key:
-                    new_k, new_v = _new_kv(
-                        new_k_ptr + q_start * stride_nk_t + kv_head * stride_nk_h,
-                        new_v_ptr + q_start * stride_nv_t + kv_head * stride_nv_h, k_ptr,
-                        cos_sin, d, d_mask, half, head_dim, k_norm_ptr, eps, IS_NEOX, QK_NORM)
+                    new_k, new_v = _new_kv(new_k_row, new_v_row, k_ptr, cos_sin, d, d_mask, half,
+                                           head_dim, k_norm_ptr, eps, IS_NEOX, QK_NORM)
                     _store_new_kv(new_k, new_v, k_ptr + kv_head_off, v_ptr + kv_head_off,
                                   tl.load(slot_ptr + q_start), d, d_mask, block_size,
                                   stride_kv_blk, stride_kv_slot)
                     new_score = tl.sum(q.to(tl.float32) * new_k.to(tl.float32), 1)
         s = tl.dot(q, k.to(q.dtype), input_precision=DOT_PREC)
         if PRELOAD:
-            s = tl.where(kpos[None, :] == kv_end - 1, new_score[:, None], s)
+            s = tl.where(is_new_key[None, :], new_score[:, None], s)
         p, alpha, m_new, l_i = _tile_probs(s * scale, kpos, kmask, q_pos, m_i, l_i, soft_cap,
                                            window, slope, USE_SOFT_CAP, USE_WINDOW, USE_ALIBI)
         v = tl.load(v_ptr + krow[:, None] + d[None, :],
@@ -323,7 +324,7 @@ def _attention_kernel(
         p = p.to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p, v.to(q.dtype), input_precision=DOT_PREC)
         if PRELOAD:
-            p_new = tl.sum(tl.where(kpos[None, :] == kv_end - 1, p.to(tl.float32), 0.0), 1)
+            p_new = tl.sum(tl.where(is_new_key[None, :], p.to(tl.float32), 0.0), 1)
             acc += p_new[:, None] * new_v.to(q.dtype).to(tl.float32)
         m_i = m_new
     if PRELOAD:  # a row without keys never entered the loop (a second wait returns at once)
