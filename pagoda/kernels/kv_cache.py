@@ -8,8 +8,8 @@ batches are padded) and is skipped, so the padded tail never touches a real bloc
 on its way into the cache (one launch per layer instead of two; the attention kernel reads
 every key from the cache). The arithmetic and roundings are the rotary kernel's. For models
 with a per-head RMSNorm on q and k before the rotation (Qwen3) it applies those too, which
-saves two norm kernels and two copies a layer. `_load_q`, `_new_kv`, `_store_new_kv` and
-`_write_new_kv` are the same rotation and write for the decode attention kernel
+saves two norm kernels and two copies a layer. `_load_q`, `_new_kv`, `_q_and_new_kv`,
+`_store_new_kv` and `_write_new_kv` are the same rotation and write for the decode attention kernel
 (kernels/paged_attention.py), which at up to 64 decode sequences does them itself instead of
 this launch.
 """
@@ -98,11 +98,9 @@ def copy_first_slot(kv_all: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) 
 
 
 @triton.jit
-def _rotated_k(k_base, cos_sin_base, d, mask, half, head_dim, norm_ptr, eps,
-               IS_NEOX: tl.constexpr, NORM: tl.constexpr):
-    """One token's k heads [HEADS, DIM] with the first 2 * half channels rotated: each
-    channel pairs with its partner (d +- half, or d ^ 1 interleaved) as in _rotate_heads.
-    With NORM, each head is RMS-normalised first (weight at norm_ptr)."""
+def _rope_lanes(d, half, IS_NEOX: tl.constexpr):
+    """For channels d: which are rotated (the first 2 * half), which is first of its pair,
+    each one's partner (d +- half, or d ^ 1 interleaved) and its cos/sin column."""
     rot = d < 2 * half
     if IS_NEOX:
         first = d < half
@@ -112,18 +110,53 @@ def _rotated_k(k_base, cos_sin_base, d, mask, half, head_dim, norm_ptr, eps,
         first = d % 2 == 0
         partner = tl.where(first, d + 1, d - 1)
         c = d // 2
-    partner = tl.where(rot, partner, d)
-    c = tl.where(rot, c, 0)
-    x = tl.load(k_base + d, mask=mask, other=0.0).to(tl.float32)
-    xp = tl.load(k_base + partner, mask=mask, other=0.0).to(tl.float32)
-    if NORM:
-        inv_rms = tl.math.rsqrt(tl.sum(x * x, 1) / head_dim + eps)[:, None]
-        x, xp = _head_rms_norm(x, xp, inv_rms, norm_ptr, d, partner, d < head_dim,
-                               k_base.dtype.element_ty)
+    return rot, first, tl.where(rot, partner, d), tl.where(rot, c, 0)
+
+
+@triton.jit
+def _load_pair(rows, d, mask, half, IS_NEOX: tl.constexpr):
+    """Each channel of rows (shaped to broadcast with d) and its rotation partner, fp32."""
+    _, _, partner, _ = _rope_lanes(d, half, IS_NEOX)
+    # d again, spelled like partner: both reads then take the same register layout, so
+    # neither is converted (a conversion waits for its data) before the other is issued
+    _, _, same, _ = _rope_lanes(partner, half, IS_NEOX)
+    x = tl.load(rows + same, mask=mask, other=0.0).to(tl.float32)
+    xp = tl.load(rows + partner, mask=mask, other=0.0).to(tl.float32)
+    return x, xp
+
+
+@triton.jit
+def _load_cos_sin(cos_sin_base, d, half, IS_NEOX: tl.constexpr):
+    """One position's cos and sin per channel (unrotated channels: 0)."""
+    rot, _, _, c = _rope_lanes(d, half, IS_NEOX)
     cos = tl.load(cos_sin_base + c, mask=rot, other=0.0).to(tl.float32)
     sin = tl.load(cos_sin_base + half + c, mask=rot, other=0.0).to(tl.float32)
+    return cos, sin
+
+
+@triton.jit
+def _rope(x, xp, cos, sin, d, half, head_dim, norm_ptr, eps, ty, IS_NEOX: tl.constexpr,
+          NORM: tl.constexpr):
+    """_load_pair's channels rotated; with NORM, each head RMS-normalised first (weight at
+    norm_ptr, rounded to ty as the unfused norm rounds)."""
+    rot, first, partner, _ = _rope_lanes(d, half, IS_NEOX)
+    if NORM:
+        inv_rms = tl.math.rsqrt(tl.sum(x * x, 1) / head_dim + eps)[:, None]
+        x, xp = _head_rms_norm(x, xp, inv_rms, norm_ptr, d, partner, d < head_dim, ty)
     rotated = tl.where(first, x * cos - xp * sin, x * cos + xp * sin)
     return tl.where(rot, rotated, x)
+
+
+@triton.jit
+def _rotated_k(k_base, cos_sin_base, d, mask, half, head_dim, norm_ptr, eps,
+               IS_NEOX: tl.constexpr, NORM: tl.constexpr):
+    """One token's k heads [HEADS, DIM] with the first 2 * half channels rotated: each
+    channel pairs with its partner as in _rotate_heads. With NORM, each head is
+    RMS-normalised first (weight at norm_ptr)."""
+    x, xp = _load_pair(k_base, d, mask, half, IS_NEOX)
+    cos, sin = _load_cos_sin(cos_sin_base, d, half, IS_NEOX)
+    return _rope(x, xp, cos, sin, d, half, head_dim, norm_ptr, eps, k_base.dtype.element_ty,
+                 IS_NEOX, NORM)
 
 
 @triton.jit
@@ -195,6 +228,29 @@ def _new_kv(new_k, new_v, cache_k, cos_sin, d, d_mask, half, head_dim, k_norm_pt
     ty = cache_k.dtype.element_ty
     v = tl.load(new_v + one_head + d[None, :], mask=d_mask[None, :], other=0.0)
     return k.to(new_k.dtype.element_ty).to(ty), v.to(ty)
+
+
+@triton.jit
+def _q_and_new_kv(q_rows, q_mask, new_k, new_v, has_new_key, cache_k, cos, sin, d, d_mask,
+                  half, head_dim, q_norm_ptr, k_norm_ptr, eps, IS_NEOX: tl.constexpr,
+                  QK_NORM: tl.constexpr):
+    """_load_q's rows and _new_kv's key and value (zeros unless has_new_key), with cos and sin
+    already loaded. Every global read is issued before any arithmetic: each layout
+    conversion waits for the data it converts, so reads interleaved with arithmetic cost one
+    round trip each (five, from the sm90 code, where the decode attention kernel waits)."""
+    one_head = tl.zeros([1, 1], tl.int32)
+    # a [1, 1] comparison, not the scalar: Triton's interpreter rejects a scalar in a mask
+    kv_mask = d_mask[None, :] & ((one_head + has_new_key.to(tl.int32)) != 0)
+    qx, qxp = _load_pair(q_rows, d[None, :], q_mask, half, IS_NEOX)
+    kx, kxp = _load_pair(new_k + one_head, d[None, :], kv_mask, half, IS_NEOX)
+    v = tl.load(new_v + one_head + d[None, :], mask=kv_mask, other=0.0)
+    q_ty = q_rows.dtype.element_ty
+    q = _rope(qx, qxp, cos, sin, d[None, :], half, head_dim, q_norm_ptr, eps, q_ty, IS_NEOX,
+              QK_NORM)
+    k = _rope(kx, kxp, cos, sin, d[None, :], half, head_dim, k_norm_ptr, eps,
+              new_k.dtype.element_ty, IS_NEOX, QK_NORM)
+    ty = cache_k.dtype.element_ty
+    return q.to(q_ty), k.to(new_k.dtype.element_ty).to(ty), v.to(ty)
 
 
 @triton.jit

@@ -13,7 +13,10 @@ new key are read after the wait; they sit inside a branch, and the pipeliner hoi
 loop's top-level loads. On the H200 (Llama-3.1-8B P1, same-call A/B) a step went from 4.22
 to 4.17 ms, graph 4.01 -> 3.97 ms at batch 1 and 4.05 -> 4.00 at batch 8. A first form,
 with the first tile peeled and held in registers before the wait, lost (4.27 ms: 255
-registers and layout conversions).
+registers and layout conversions). The cos/sin rows and the slot load before the wait too;
+after it, q, the new key and value, and both rotation partners are read at once
+(kv_cache._q_and_new_kv): read one after another, each waited behind the layout conversion
+of the one before, five round trips in the sm90 code (4.13 -> 4.10 ms a P1 step).
 
 A program owns BLOCK_Q consecutive queries of one sequence times the query heads that share
 one KV head (GQA packs those heads into the rows of one tile, so each K/V tile is loaded once
@@ -48,7 +51,8 @@ import torch
 import triton
 import triton.language as tl
 
-from pagoda.kernels.kv_cache import _load_q, _new_kv, _store_new_kv, _write_new_kv
+from pagoda.kernels.kv_cache import (_load_cos_sin, _load_q, _q_and_new_kv, _store_new_kv,
+                                     _write_new_kv)
 from pagoda.kernels.pdl import launch_args, wait_then_release
 
 # =0 gives decode the general grid, for A/B runs
@@ -275,6 +279,10 @@ def _attention_kernel(
         q = tl.zeros([BLOCK_M, DIM_P2], q_ptr.dtype.element_ty)
         new_v = tl.zeros([1, DIM_P2], k_ptr.dtype.element_ty)
         new_score = tl.zeros([BLOCK_M], tl.float32)
+        # read before the wait: positions, slots and the cos/sin cache are inputs of the
+        # step, which the running q/k/v GEMM does not write
+        cos, sin = _load_cos_sin(cos_sin, d[None, :], half, IS_NEOX)
+        slot = tl.load(slot_ptr + q_start)
     else:
         q = _load_q(q_rows, row_mask[:, None] & d_mask[None, :], d, cos_sin, half, head_dim,
                     q_norm_ptr, eps, ROPE, IS_NEOX, QK_NORM)
@@ -305,15 +313,14 @@ def _attention_kernel(
         if PRELOAD:
             if t == tile_lo:
                 wait_then_release(USE_PDL)
-                q = _load_q(q_rows, row_mask[:, None] & d_mask[None, :], d, cos_sin, half,
-                            head_dim, q_norm_ptr, eps, ROPE, IS_NEOX, QK_NORM)
+                q, new_k, new_v = _q_and_new_kv(
+                    q_rows, row_mask[:, None] & d_mask[None, :], new_k_row, new_v_row,
+                    holds_new_key, k_ptr, cos, sin, d, d_mask, half, head_dim, q_norm_ptr,
+                    k_norm_ptr, eps, IS_NEOX, QK_NORM)
+                new_score = tl.sum(q.to(tl.float32) * new_k.to(tl.float32), 1)
                 if holds_new_key:
-                    new_k, new_v = _new_kv(new_k_row, new_v_row, k_ptr, cos_sin, d, d_mask, half,
-                                           head_dim, k_norm_ptr, eps, IS_NEOX, QK_NORM)
                     _store_new_kv(new_k, new_v, k_ptr + kv_head_off, v_ptr + kv_head_off,
-                                  tl.load(slot_ptr + q_start), d, d_mask, block_size,
-                                  stride_kv_blk, stride_kv_slot)
-                    new_score = tl.sum(q.to(tl.float32) * new_k.to(tl.float32), 1)
+                                  slot, d, d_mask, block_size, stride_kv_blk, stride_kv_slot)
         s = tl.dot(q, k.to(q.dtype), input_precision=DOT_PREC)
         if PRELOAD:
             s = tl.where(is_new_key[None, :], new_score[:, None], s)
