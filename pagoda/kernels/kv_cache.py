@@ -9,9 +9,9 @@ on its way into the cache (one launch per layer instead of two; the attention ke
 every key from the cache). The arithmetic and roundings are the rotary kernel's. For models
 with a per-head RMSNorm on q and k before the rotation (Qwen3) it applies those too, which
 saves two norm kernels and two copies a layer. `_load_q`, `_new_kv`, `_q_and_new_kv`,
-`_store_new_kv` and `_write_new_kv` are the same rotation and write for the decode attention kernel
-(kernels/paged_attention.py), which at up to 64 decode sequences does them itself instead of
-this launch.
+`_store_new_kv` and `_write_new_kv` are the same rotation and write for the decode attention
+kernel (kernels/paged_attention.py), which at up to 64 decode sequences does them itself
+instead of this launch.
 """
 
 from __future__ import annotations
