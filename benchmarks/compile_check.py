@@ -28,6 +28,7 @@ from pagoda.kernels.paged_attention import _attention_kernel  # noqa: E402
 from pagoda.kernels.rotary import _rotary_kernel  # noqa: E402
 from pagoda.kernels.sampling import _chunk_best_kernel, _sample_kernel  # noqa: E402
 from pagoda.kernels.skinny_gemm import _skinny_gemm_kernel  # noqa: E402
+from pagoda.kernels.step_advance import _advance_kernel  # noqa: E402
 
 BF16 = "*bf16"
 ATTENTION_TYPES = {"q_ptr": BF16, "k_ptr": BF16, "v_ptr": BF16, "out_ptr": BF16,
@@ -90,9 +91,12 @@ CASES = [
       "stride_blk": "i64"}),
     (_rotary_kernel, dict(QH_P2=32, KH_P2=8, HALF_P2=64, IS_NEOX=True),  # unfused (profiling run)
      {"pos_ptr": "*i64", "q_ptr": BF16, "k_ptr": BF16, "cache_ptr": "*fp32"}),
-    (_chunk_best_kernel, dict(NOISE=2, BLOCK=1024),
+    (_chunk_best_kernel, dict(NOISE=2, BLOCK=1024, USE_PDL=True),
      {"logits_ptr": BF16, "q_ptr": BF16, "temp_ptr": "*fp32", "best_ptr": "*fp32",
       "idx_ptr": "*i32", "greedy_eps": "fp32"}),
+    (_advance_kernel, dict(BLOCK=128, USE_PDL=True),  # the lookahead's next inputs
+     {"input_ids_ptr": "*i64", "sampled_ptr": "*i64", "pos_ptr": "*i64", "slot_ptr": "*i64",
+      "seq_lens_ptr": "*i32", "block_table_ptr": "*i32"}),
     (_sample_kernel, dict(NT=8, ROUNDS=9, BLOCK=1024, SEARCH_BLOCK=512),
      {"logits_ptr": "*fp32", "q_ptr": "*fp32", "temp_ptr": "*fp32", "top_k_ptr": "*i64",
       "top_p_ptr": "*fp32", "min_p_ptr": "*fp32", "out_ptr": "*i64", "buf_ptr": "*fp32",

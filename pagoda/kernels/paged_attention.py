@@ -34,10 +34,10 @@ sequence and KV head to finish (an atomic counter, zeroed again by that split) c
 so no reduce kernel follows (on the H200 this saved 0.07 ms a Llama-8B step at batch 8
 against a separate reduce kernel, and was even at batch 1). A decode program reads all the
 partials it combines at once (_combine_decode_splits: P1 4.15 -> 4.10 ms a step against
-reading them split by split). A decode graph fixes NUM_SPLITS
-for max_model_len, so a short context leaves later splits without a key tile: they exit at
-once, only the splits with tiles count and are combined, and a context of one tile is
-written by its split directly (P1, 128-384 keys: 4.19 -> 4.17 ms a step).
+reading them split by split). A decode graph fixes NUM_SPLITS for max_model_len, so a short
+context leaves later splits without a key tile: they exit at once, only the splits with
+tiles count and are combined, and a context of one tile is written by its split directly
+(P1, 128-384 keys: 4.19 -> 4.17 ms a step).
 (Letting split 0 do a short sequence whole was measured on the H200 and dropped: 0.21 ms a
 Llama-8B step slower at ~250 keys, docs/benchmarks.md.) At decode (one token per sequence) the
 grid is one program per sequence instead, with no search.

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pagoda.kernels.pdl import launch_args, wait_then_release
+
 _GREEDY_EPS = 1e-5  # vLLM's _SAMPLING_EPS: smaller temperatures mean greedy
 
 
@@ -264,12 +266,13 @@ def _chunk_best_philox(logits_row, seed, row, lo, V, inv_temp, chunk, BLOCK: tl.
 @triton.jit(do_not_specialize=["seed", "num_chunks", "chunk"])
 def _chunk_best_kernel(logits_ptr, q_ptr, temp_ptr, best_ptr, idx_ptr, V, stride_l, stride_q,
                        greedy_eps, seed, num_chunks, chunk, NOISE: tl.constexpr,
-                       BLOCK: tl.constexpr):
+                       BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     """Best (score, first index) of one vocabulary chunk of one row: the raw logit for greedy
     rows, logit / temperature - log(q) otherwise (Gumbel-max without the row max, which
     does not move the argmax). q, Exp(1) noise, is read from q_ptr (NOISE=1) or drawn here
     from Philox (NOISE=2), which saves writing and reading a [rows, vocab] noise tensor and
     the kernels that fill it."""
+    wait_then_release(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     logits_row = logits_ptr + row * stride_l
@@ -289,7 +292,9 @@ def _chunk_best_kernel(logits_ptr, q_ptr, temp_ptr, best_ptr, idx_ptr, V, stride
 
 
 @triton.jit(do_not_specialize=["num_chunks"])
-def _pick_chunk_kernel(best_ptr, idx_ptr, out_ptr, num_chunks, CHUNKS_P2: tl.constexpr):
+def _pick_chunk_kernel(best_ptr, idx_ptr, out_ptr, num_chunks, CHUNKS_P2: tl.constexpr,
+                       USE_PDL: tl.constexpr):
+    wait_then_release(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, CHUNKS_P2)
     best = tl.load(best_ptr + row * num_chunks + c, mask=c < num_chunks, other=float("-inf"))
@@ -323,11 +328,12 @@ def sample_plain(logits: torch.Tensor, temperature: torch.Tensor,
         logits, q if q is not None else logits, temperature, best, idx, vocab,
         logits.stride(0), q.stride(0) if q is not None else 0, _GREEDY_EPS, seed or 0,
         num_chunks, chunk, NOISE=1 if q is not None else 2 if seed is not None else 0,
-        BLOCK=min(chunk, 1024), num_warps=4)
+        BLOCK=min(chunk, 1024), num_warps=4, **launch_args(logits.device))
     # sized for the smallest default chunk, so every batch size shares one compiled variant
     most_chunks = triton.cdiv(vocab, min(chunk, 1024))
     _pick_chunk_kernel[(num_rows,)](best, idx, out, num_chunks,
-                                    CHUNKS_P2=triton.next_power_of_2(most_chunks))
+                                    CHUNKS_P2=triton.next_power_of_2(most_chunks),
+                                    **launch_args(logits.device))
     return out
 
 

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import bisect
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
+
+from pagoda.kernels.step_advance import advance_decode_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -160,9 +163,10 @@ def wait_host(host: torch.Tensor, event: Optional[torch.cuda.Event]) -> np.ndarr
 
 # -- decode lookahead ------------------------------------------------------------------------
 # After a decode step's sampling is launched, the next decode step of the same requests is
-# launched too (its input ids copied on the device from this step's samples) before the host
-# reads the samples back. While the host then updates the scheduler and builds outputs, the
-# GPU already runs step N+1. If the scheduler's next step is that one, or that one minus
+# launched too (its inputs advanced on the device from this step's by
+# kernels/step_advance.py, the samples becoming input ids) before the host reads the samples
+# back. While the host then updates the scheduler and builds outputs, the GPU already runs
+# step N+1. If the scheduler's next step is that one, or that one minus
 # requests that finished (kept as dead rows: no KV write, output dropped), its result is just
 # read back and the step after is launched the same way. A request whose next token opens a
 # new KV block (not allocated yet) writes that token's KV into its own scratch block (past the
@@ -193,6 +197,10 @@ class DecodeLookahead:
         self.r = runner
         self.num_scratch = num_scratch  # scratch blocks sit after the scheduler's blocks
         self.pending: Optional[Lookahead] = None
+        # one kernel advances the inputs (kernels/step_advance.py) instead of three uploads
+        # and a copy; =0 for A/B runs
+        self.advance_on_device = (runner.device.type == "cuda"
+                                  and os.environ.get("PAGODA_ADVANCE_ON_DEVICE", "1") != "0")
 
     def warm_up(self) -> None:
         """Compile the KV move out of scratch blocks before serving (worker/warm_up.py): its
@@ -214,26 +222,39 @@ class DecodeLookahead:
                 or (live & (positions >= r.max_model_len)).any()
                 or (cross.any() and (r.kv_all is None or n > self.num_scratch))):
             return
-        buf.wait_host_free()
-        first_scratch = r.num_kv_blocks
-        idx = np.arange(n)
-        table_blocks = batch.block_table[rows, np.minimum(blocks, batch.max_blocks - 1)]
-        slots = np.where(cross, first_scratch + idx, table_blocks).astype(np.int64) * bs
-        slots = np.where(live, slots + positions % bs, -1)
-        buf.fill("positions", np.where(live, r.rope_index(positions, positions + 1), 0), size)
-        buf.fill("slot_mapping", slots, size, pad=-1)
-        buf.fill("seq_lens", np.where(live, positions + 1, 1).astype(np.int32), size)
         if cross.any():  # attention must read the scratch block at that position
             c = np.flatnonzero(cross)
-            buf.set_block_entries(c, blocks[c], first_scratch + c)
-        buf.mark_uploaded()
+            buf.set_block_entries(c, blocks[c], r.num_kv_blocks + c)
         # query_start_loc and the rest of the block table on the device are still right.
-        buf.dev["input_ids"][:n].copy_(input_ids)
+        if self.advance_on_device and live.all() and r.rope_long_offset is None:
+            # the device inputs are the last step's for these rows: each moves one token on
+            advance_decode_inputs(buf.dev["input_ids"], input_ids, buf.dev["positions"],
+                                  buf.dev["slot_mapping"], buf.dev["seq_lens"],
+                                  buf.block_table, n, bs)
+        else:
+            self._upload_inputs(rows, live, positions, blocks, cross, size, input_ids)
         hidden = r.graphs.replay(size)
         out = r.sample_logits(r.model.compute_logits(hidden[:n]), md)
         host, event = r.copy_to_host(out.sampled)
         self.pending = Lookahead(req_ids, rows, live.copy(), positions, num_blocks.copy(), cross,
                                  size, md, out.sampled, host, event)
+
+    def _upload_inputs(self, rows: np.ndarray, live: np.ndarray, positions: np.ndarray,
+                       blocks: np.ndarray, cross: np.ndarray, size: int,
+                       input_ids: torch.Tensor) -> None:
+        """The next step's inputs from the host: dead rows (no KV write, no keys), or a
+        longrope model's position index."""
+        r, buf, n = self.r, self.r.buffers, len(rows)
+        buf.wait_host_free()
+        table_blocks = r.batch.block_table[rows, np.minimum(blocks, r.batch.max_blocks - 1)]
+        slots = np.where(cross, r.num_kv_blocks + np.arange(n), table_blocks)
+        slots = np.where(live, slots.astype(np.int64) * r.block_size + positions % r.block_size,
+                         -1)
+        buf.fill("positions", np.where(live, r.rope_index(positions, positions + 1), 0), size)
+        buf.fill("slot_mapping", slots, size, pad=-1)
+        buf.fill("seq_lens", np.where(live, positions + 1, 1).astype(np.int32), size)
+        buf.mark_uploaded()
+        buf.dev["input_ids"][:n].copy_(input_ids)
 
     def take(self, sched: Any):
         """The pending lookahead's result if `sched` is that step (or a subset of it), else

@@ -263,11 +263,14 @@ def _fake_graphs(runner) -> None:
     graphs.replay = runner._graph_forward
 
 
+@pytest.mark.parametrize("advance", [False, True], ids=["host-inputs", "device-inputs"])
 @pytest.mark.parametrize("attn_rope", [False, True], ids=["kv-write", "in-attention"])
-def test_cpu_padded_decode_and_lookahead(tiny_llama_path, monkeypatch, attn_rope):
+def test_cpu_padded_decode_and_lookahead(tiny_llama_path, monkeypatch, attn_rope, advance):
     """Padded decode batches and the decode lookahead, through requests that finish at
     different steps (dead rows) and tokens that open new KV blocks (scratch blocks); the
-    rotation in the KV-write kernel or (PAGODA_ATTN_ROPE=1) in the attention kernel."""
+    rotation in the KV-write kernel or (PAGODA_ATTN_ROPE=1) in the attention kernel; the
+    lookahead's next inputs uploaded from the host or advanced by the kernel on the device
+    (kernels/step_advance.py, as on CUDA)."""
     pytest.importorskip("triton")
     if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("CPU emulation through Triton's interpreter only")
@@ -295,8 +298,10 @@ def test_cpu_padded_decode_and_lookahead(tiny_llama_path, monkeypatch, attn_rope
         llm = LLM(tiny_llama_path, device="cpu", dtype="float32", max_model_len=256,
                   max_num_seqs=8)
         if emulate:  # as a CUDA worker starts: capture, then the warm-up's dummy steps
-            _fake_graphs(llm.engine.core.executor.worker.runner)
-            warm_up(llm.engine.core.executor.worker.runner)
+            runner = llm.engine.core.executor.worker.runner
+            _fake_graphs(runner)
+            runner.lookahead.advance_on_device = advance
+            warm_up(runner)
         results.append([list(o.token_ids) for o in _generate(llm, prompts, lens)])
         del llm
     assert results[0] == results[1]
