@@ -163,18 +163,18 @@ def wait_host(host: torch.Tensor, event: Optional[torch.cuda.Event]) -> np.ndarr
 
 # -- decode lookahead ------------------------------------------------------------------------
 # After a decode step's sampling is launched, the next decode step of the same requests is
-# launched too (its inputs advanced on the device from this step's by
-# kernels/step_advance.py, the samples becoming input ids) before the host reads the samples
-# back. While the host then updates the scheduler and builds outputs, the GPU already runs
-# step N+1. If the scheduler's next step is that one, or that one minus
-# requests that finished (kept as dead rows: no KV write, output dropped), its result is just
-# read back and the step after is launched the same way. A request whose next token opens a
-# new KV block (not allocated yet) writes that token's KV into its own scratch block (past the
-# scheduler's blocks); once the scheduler has allocated the real block, the KV is copied there.
-# Anything else (new requests, chunked prompts, ...) drops the lookahead. A dropped lookahead
-# only wrote next-token KV into a block its request owned alone (partly filled, so never
-# shared through the prefix cache) or into scratch, and draws no seeded randomness (only
-# steps without seeds, logprobs or penalties look ahead): it changes nothing observable.
+# launched too (its inputs advanced on the device from this step's by kernels/step_advance.py,
+# the samples becoming input ids) before the host reads the samples back. While the host then
+# updates the scheduler and builds outputs, the GPU already runs step N+1. If the scheduler's
+# next step is that one, or that one minus requests that finished (kept as dead rows: no KV
+# write, output dropped), its result is just read back and the step after is launched the same
+# way. A request whose next token opens a new KV block (not allocated yet) writes that token's
+# KV into its own scratch block (past the scheduler's blocks); once the scheduler has
+# allocated the real block, the KV is copied there. Anything else (new requests, chunked
+# prompts, ...) drops the lookahead. A dropped lookahead only wrote next-token KV into a block
+# its request owned alone (partly filled, so never shared through the prefix cache) or into
+# scratch, and draws no seeded randomness (only steps without seeds, logprobs or penalties
+# look ahead): it changes nothing observable.
 @dataclass
 class Lookahead:
     req_ids: list[str]  # the layout: entry i is row i of the padded graph batch
@@ -242,8 +242,9 @@ class DecodeLookahead:
     def _upload_inputs(self, rows: np.ndarray, live: np.ndarray, positions: np.ndarray,
                        blocks: np.ndarray, cross: np.ndarray, size: int,
                        input_ids: torch.Tensor) -> None:
-        """The next step's inputs from the host: dead rows (no KV write, no keys), or a
-        longrope model's position index."""
+        """The next step's inputs from the host, where the device kernel cannot advance them
+        (dead rows: no KV write, no keys; a longrope model's position index) or is off (the
+        CPU, PAGODA_ADVANCE_ON_DEVICE=0)."""
         r, buf, n = self.r, self.r.buffers, len(rows)
         buf.wait_host_free()
         table_blocks = r.batch.block_table[rows, np.minimum(blocks, r.batch.max_blocks - 1)]
